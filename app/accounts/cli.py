@@ -1,0 +1,42 @@
+"""``softgoods user add``."""
+from __future__ import annotations
+
+import sys
+
+import click
+from sqlalchemy import select
+
+from app.accounts.models import ROLES, User
+from app.accounts.validation import normalize_email
+from app.cli import fail, run_rule
+from app.extensions import db
+from app.timeutil import utcnow
+
+MIN_PASSWORD = 8
+
+
+def register(group: click.Group) -> None:
+    @group.group("user")
+    def user() -> None:
+        """Manage accounts."""
+
+    @user.command("add")
+    @click.option("--email", required=True)
+    @click.option("--role", type=click.Choice(ROLES), default="customer", show_default=True)
+    @click.option("--password-stdin", is_flag=True, help="read the password from standard input")
+    def user_add(email, role, password_stdin):
+        """Add an account (password from a prompt or --password-stdin)."""
+        email = run_rule(normalize_email, email)
+        if db.session.scalar(select(User.id).where(User.email == email)) is not None:
+            fail(f"an account for {email} already exists")
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        if len(password) < MIN_PASSWORD:
+            fail(f"the password must have at least {MIN_PASSWORD} characters")
+        account = User(email=email, role=role, email_confirmed_at=utcnow())
+        account.set_password(password)
+        db.session.add(account)
+        db.session.commit()
+        click.echo(f"{role} {email} added")

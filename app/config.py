@@ -1,0 +1,87 @@
+"""Settings, read once from the environment (DESIGN.md: "Configuration by environment variables").
+
+Nothing else in the codebase reads ``os.environ``: everything goes through ``load_settings``,
+and ``create_app(config)`` lets tests override any key.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Mapping
+
+DELIVERY_MODES = ("pipe", "symlink", "accel")
+
+
+def database_url(url: str) -> str:
+    """Accept URLs as people write them: ``postgresql://`` uses the psycopg 3 driver we install."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _secret_key(instance_dir: Path) -> str:
+    """The signing key: generated once into the instance folder so links survive restarts."""
+    path = instance_dir / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    instance_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    # O_EXCL: when two processes start at once, exactly one key wins and both read it back.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"error: {name} must be a whole number, not {raw!r}") from None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Flask config keys built from the environment variables of DESIGN.md, with their defaults."""
+    env = os.environ if env is None else env
+    instance_dir = Path(env.get("SOFTGOODS_INSTANCE_DIR") or "instance").resolve()
+    delivery = env.get("SOFTGOODS_DELIVERY") or "pipe"
+    if delivery not in DELIVERY_MODES:
+        raise SystemExit(f"error: SOFTGOODS_DELIVERY must be one of {', '.join(DELIVERY_MODES)}, not {delivery!r}")
+    db_url = env.get("DATABASE_URL") or f"sqlite:///{instance_dir / 'softgoods.db'}"
+    return {
+        "INSTANCE_DIR": str(instance_dir),
+        "SQLALCHEMY_DATABASE_URI": database_url(db_url),
+        "SECRET_KEY": env.get("SOFTGOODS_SECRET_KEY") or _secret_key(instance_dir),
+        "DOWNLOAD_DIR": str(Path(env.get("SOFTGOODS_DOWNLOAD_DIR") or instance_dir / "downloads").resolve()),
+        "SIDECAR_URL": (env.get("SOFTGOODS_SIDECAR_URL") or "http://127.0.0.1:8001").rstrip("/"),
+        "DELIVERY": delivery,
+        "SMTP_URL": env.get("SOFTGOODS_SMTP_URL") or None,
+        "MAIL_FROM": env.get("SOFTGOODS_MAIL_FROM") or "Softgoods <shop@localhost>",
+        "OUTBOX_DIR": str(instance_dir / "outbox"),
+        "SYMLINK_DIR": str(Path(env.get("SOFTGOODS_SYMLINK_DIR") or instance_dir / "links").resolve()),
+        "SYMLINK_URL": (env.get("SOFTGOODS_SYMLINK_URL") or "/links").rstrip("/"),
+        "ACCEL_PREFIX": env.get("SOFTGOODS_ACCEL_PREFIX") or "/protected/",
+        "RATELIMIT_STORAGE_URI": env.get("REDIS_URL") or "memory://",
+        "STORE_URL": (env.get("SOFTGOODS_STORE_URL") or "http://127.0.0.1:8000").rstrip("/"),
+        # Delivery semantics (DESIGN.md "Delivery semantics"), overridable for owners with odd files.
+        "DELIVERY_BUDGET_FACTOR": float(env.get("SOFTGOODS_BUDGET_FACTOR") or 1.5),
+        "INFLIGHT_ALLOWANCE": _int(env, "SOFTGOODS_INFLIGHT_ALLOWANCE", 16 * 1024 * 1024),
+        "EXPIRY_GRACE_SECONDS": _int(env, "SOFTGOODS_EXPIRY_GRACE_SECONDS", 3600),
+        "BIND_IP": (env.get("SOFTGOODS_BIND_IP") or "0") in ("1", "true", "yes"),
+        "LOG_RETENTION_DAYS": _int(env, "SOFTGOODS_LOG_RETENTION_DAYS", 365),
+        "MAX_CONTENT_LENGTH": _int(env, "SOFTGOODS_MAX_UPLOAD_BYTES", 2 * 1024 * 1024 * 1024),
+        "MAX_FORM_MEMORY_SIZE": 500_000,
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_SECURE": (env.get("SOFTGOODS_SECURE_COOKIES") or "0") in ("1", "true", "yes"),
+        "REMEMBER_COOKIE_HTTPONLY": True,
+        "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
+    }

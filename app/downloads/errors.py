@@ -1,0 +1,86 @@
+"""Refusals of the delivery domain: one type per kind, each with the status and the sentence it shows.
+
+The store and the sidecar map these in one place (``app.errors``) to pages and JSON.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+
+class DeliveryRefused(Exception):
+    status = 400
+    message = "This request cannot be served."
+    advice = ""
+
+    def __init__(self, message: str | None = None, *, advice: str | None = None):
+        super().__init__(message or self.message)
+        if message:
+            self.message = message
+        if advice is not None:
+            self.advice = advice
+
+
+class LinkNotFound(DeliveryRefused):
+    status = 404
+    message = "This download link is not valid."
+    advice = ("Check that you copied the whole link from your email, or sign in to the shop "
+              "and open My downloads.")
+
+
+class LinkRevoked(DeliveryRefused):
+    status = 403
+    message = "This download link has been withdrawn by the shop."
+    advice = "Please contact the shop and quote your order number."
+
+
+class LinkExpired(DeliveryRefused):
+    status = 410
+    message = "This download link has expired."
+    advice = "Please contact the shop and quote your order number; they can extend it."
+
+    def __init__(self, expires_at: datetime | None = None, **kw):
+        super().__init__(None, **kw)
+        self.expires_at = expires_at
+        if expires_at is not None:
+            self.message = f"This download link expired on {expires_at:%Y-%m-%d %H:%M} UTC."
+
+
+class DownloadsExhausted(DeliveryRefused):
+    status = 403
+    message = "All downloads of this link have been used."
+    advice = "Please contact the shop and quote your order number; they can add downloads."
+
+
+class AddressMismatch(DeliveryRefused):
+    status = 403
+    message = "This download link is bound to another network address."
+    advice = "Open it from the network you bought from, or ask the shop to release it."
+
+
+class FileNotFound(DeliveryRefused):
+    status = 404
+    message = "There is no such file in this download."
+    advice = "Go back to the list of files of your download and pick one from there."
+
+
+class FileUnavailable(DeliveryRefused):
+    status = 503
+    message = "This file is temporarily unavailable."
+    advice = "The shop has been told. Please try again later."
+
+
+class DigestMismatch(DeliveryRefused):
+    status = 409
+    message = "The SHA-256 you reported does not match the file."
+    advice = "Download the file again; the verifying client re-fetches only the damaged parts."
+
+
+class InvalidInput(ValueError):
+    """Bad input from a form, a request or the command line: nothing has been written."""
+
+    status = 422
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.message = message
+        self.status = status

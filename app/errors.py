@@ -1,0 +1,76 @@
+"""Refusals and failures mapped in one place to status codes, pages and JSON.
+
+A browser gets a page that says what happened and what to do; ``Accept: application/json`` gets
+``{"error": "<sentence>"}``. Nobody sees a traceback.
+"""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify, render_template, request
+from flask_limiter.errors import RateLimitExceeded
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from app.downloads.errors import DeliveryRefused, InvalidInput
+from app.extensions import db
+
+log = logging.getLogger("softgoods")
+
+
+def wants_json() -> bool:
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+def error_response(status: int, message: str, advice: str = "", headers: dict | None = None):
+    if wants_json():
+        resp = jsonify(error=message)
+    else:
+        resp = render_template("error.html", status=status, message=message, advice=advice)
+    if isinstance(resp, str):
+        resp = (resp, status)
+        from flask import make_response
+        resp = make_response(resp)
+    resp.status_code = status
+    for k, v in (headers or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(DeliveryRefused)
+    def refused(exc: DeliveryRefused):
+        return error_response(exc.status, exc.message, exc.advice)
+
+    @app.errorhandler(InvalidInput)
+    def invalid(exc: InvalidInput):
+        db.session.rollback()
+        return error_response(exc.status, exc.message)
+
+    @app.errorhandler(RateLimitExceeded)
+    def too_many(exc: RateLimitExceeded):
+        return error_response(429, "Too many attempts from your address.",
+                              "Please wait a minute and try again.", {"Retry-After": "60"})
+
+    @app.errorhandler(OperationalError)
+    def database_down(exc: OperationalError):
+        log.error("database unavailable: %s", exc.orig)
+        db.session.rollback()
+        return error_response(503, "The service is briefly unavailable.",
+                              "Please try again in a minute.", {"Retry-After": "30"})
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code is None or exc.code < 400:
+            return exc
+        advice = {404: "Check the address, or start again from the home page.",
+                  405: "", 413: "The upload is larger than this shop accepts."}.get(exc.code, "")
+        return error_response(exc.code, exc.description or exc.name, advice)
+
+    @app.errorhandler(Exception)
+    def crashed(exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        db.session.rollback()
+        return error_response(500, "Something went wrong on our side.",
+                              "Nothing was charged twice. Please try again, or contact the shop.")
