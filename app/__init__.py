@@ -30,6 +30,9 @@ def register_extensions(app: Flask) -> None:
 
     db.init_app(app)
     migrate.init_app(app, db, render_as_batch=True)
+    from app.store.routes import limit_form_size
+
+    app.before_request(limit_form_size)  # registered before CSRF, which reads the form first
     csrf.init_app(app)
     limiter.init_app(app)
     login_manager.init_app(app)

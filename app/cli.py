@@ -77,8 +77,10 @@ def init_command() -> None:
 def register_commands(app) -> None:
     from app.accounts import cli as accounts_cli
     from app.downloads import cli as downloads_cli
+    from app.downloads import package_cli
+    from app.downloads import maintenance_cli
     from app.store import cli as store_cli
 
-    for module in (accounts_cli, store_cli, downloads_cli):
+    for module in (accounts_cli, store_cli, downloads_cli, package_cli, maintenance_cli):
         module.register(softgoods)
     app.cli.add_command(softgoods)

@@ -70,15 +70,34 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SYMLINK_URL": (env.get("SOFTGOODS_SYMLINK_URL") or "/links").rstrip("/"),
         "ACCEL_PREFIX": env.get("SOFTGOODS_ACCEL_PREFIX") or "/protected/",
         "RATELIMIT_STORAGE_URI": env.get("REDIS_URL") or "memory://",
+        # Sidecar: failed link lookups allowed per address before 429; proxies in front (X-Forwarded-For).
+        "LINK_GUESS_LIMIT": env.get("SOFTGOODS_LINK_GUESS_LIMIT") or "20 per minute",
+        "PROXY_COUNT": _int(env, "SOFTGOODS_PROXY_COUNT", 0),
+        # Flask-Limiter strings, per client address; POSTs only (pages stay browsable).
+        "LOGIN_RATE_LIMIT": env.get("SOFTGOODS_LOGIN_RATE_LIMIT") or "10 per minute",
+        "CHECKOUT_RATE_LIMIT": env.get("SOFTGOODS_CHECKOUT_RATE_LIMIT") or "20 per minute",
         "STORE_URL": (env.get("SOFTGOODS_STORE_URL") or "http://127.0.0.1:8000").rstrip("/"),
         # Delivery semantics (DESIGN.md "Delivery semantics"), overridable for owners with odd files.
         "DELIVERY_BUDGET_FACTOR": float(env.get("SOFTGOODS_BUDGET_FACTOR") or 1.5),
         "INFLIGHT_ALLOWANCE": _int(env, "SOFTGOODS_INFLIGHT_ALLOWANCE", 16 * 1024 * 1024),
         "EXPIRY_GRACE_SECONDS": _int(env, "SOFTGOODS_EXPIRY_GRACE_SECONDS", 3600),
+        # An unfinished delivery idle this long gives its download slot back when another needs it.
+        "DELIVERY_STALE_SECONDS": _int(env, "SOFTGOODS_DELIVERY_STALE_SECONDS", 3600),
         "BIND_IP": (env.get("SOFTGOODS_BIND_IP") or "0") in ("1", "true", "yes"),
         "LOG_RETENTION_DAYS": _int(env, "SOFTGOODS_LOG_RETENTION_DAYS", 365),
+        # The watcher (docs/maintenance.md): quiet time before a changed file is re-indexed, how often
+        # it expires grants and retries mail, and the background re-hash budget (0 turns it off).
+        "WATCH_DEBOUNCE_MS": _int(env, "SOFTGOODS_WATCH_DEBOUNCE_MS", 1000),
+        "WATCH_EXPIRY_SECONDS": _int(env, "SOFTGOODS_WATCH_EXPIRY_SECONDS", 5),
+        "WATCH_OUTBOX_SECONDS": _int(env, "SOFTGOODS_WATCH_OUTBOX_SECONDS", 60),
+        "REHASH_BYTES_PER_SECOND": _int(env, "SOFTGOODS_REHASH_BYTES_PER_SECOND", 20 * 1024 * 1024),
+        "REHASH_EVERY_SECONDS": _int(env, "SOFTGOODS_REHASH_EVERY_SECONDS", 7 * 86400),
+        # The file manager imports only from below this server folder (never from anywhere on disk).
+        "IMPORT_DIR": str(Path(env.get("SOFTGOODS_IMPORT_DIR") or instance_dir / "import").resolve()),
         "MAX_CONTENT_LENGTH": _int(env, "SOFTGOODS_MAX_UPLOAD_BYTES", 2 * 1024 * 1024 * 1024),
         "MAX_FORM_MEMORY_SIZE": 500_000,
+        # Shop and account forms are small: anything bigger is refused (413) before it is parsed.
+        "FORM_MAX_BYTES": _int(env, "SOFTGOODS_FORM_MAX_BYTES", 100_000),
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
         "SESSION_COOKIE_SECURE": (env.get("SOFTGOODS_SECURE_COOKIES") or "0") in ("1", "true", "yes"),

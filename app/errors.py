@@ -19,6 +19,9 @@ log = logging.getLogger("softgoods")
 
 
 def wants_json() -> bool:
+    accept = request.accept_mimetypes
+    if request.is_json and (not accept or accept["application/json"] >= accept["text/html"]):
+        return True  # an API call that posted JSON expects JSON back, whatever its Accept says
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
 

@@ -74,8 +74,12 @@ class ServerProcess:
         self.log_path = log_path
         full_env = {**os.environ, **env}
         log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(argv, env=full_env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        finally:
+            if log_path:
+                log.close()  # the child holds its own copy; ours would leak (ResourceWarning is an error)
 
     def wait_ready(self, timeout: float = 20.0) -> "ServerProcess":
         deadline = time.monotonic() + timeout

@@ -1,18 +1,7 @@
+"""The owner pages (/admin): a table of contents. Each module adds its views to the one blueprint."""
 from __future__ import annotations
 
-from flask import Blueprint, abort
-from flask_login import current_user, login_required
+from app.admin import dashboard, file_views, logs, orders, package_views, products, users  # noqa: F401
+from app.admin.blueprint import bp
 
-bp = Blueprint("admin", __name__, template_folder="templates")
-
-
-@bp.before_request
-@login_required
-def owners_only():
-    if not current_user.is_owner:
-        abort(403)
-
-
-@bp.get("/")
-def dashboard():
-    return "dashboard"
+__all__ = ["bp"]

@@ -2,10 +2,11 @@
 
 CONTRACT between the sidecar's serving code and these rules (see DESIGN.md "Delivery semantics"):
 
-    reservation = open_request(session, grant, entry, start=..., length=..., method=..., ...)
+    reservation = open_request(session, grant, entry, start=..., length=..., method=..., now=None)
         Called before the first byte of a file response (GET with body, full or ranged).
         Reserves ``length`` bytes against the grant's current delivery of this file (or starts a
-        new delivery). Raises DownloadsExhausted when a *new* delivery would pass max_downloads.
+        new delivery). Raises DownloadsExhausted when a *new* delivery would pass max_downloads,
+        LinkExpired when the link expired and no delivery that started before expiry is unfinished.
         The caller commits right away (so concurrent requests see the reservation).
 
     close_request(session, reservation, bytes_sent, *, status, outcome, client_ip, user_agent, range_header)
@@ -18,16 +19,72 @@ CONTRACT between the sidecar's serving code and these rules (see DESIGN.md "Deli
 
     confirm(session, grant, entry, sha256) -> str   -- the client's proof; "verified" or DigestMismatch.
 
-STUB: the verified-delivery issue replaces the bodies; signatures stay.
+    grace_allows(session, grant, entry, now)         -- may an expired link still serve this file?
+    release_stale_deliveries(session, now)           -- for the purge: idle unfinished slots go back.
+
+HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
+
+* A *delivery* is one attempt to hand one file version (grant, sku, path, sha256) to the shopper.
+  Per file version at most one delivery is *current* (not ``closed``); every file request joins the
+  current delivery while its byte budget (``DELIVERY_BUDGET_FACTOR`` x size) has room.
+* The slot is taken when a delivery STARTS: ``downloads_held`` goes up by a conditional UPDATE
+  (``... WHERE max_downloads IS NULL OR downloads_used + downloads_held < max_downloads``, rowcount
+  checked), so the limit holds before any byte leaves and under any concurrency. When the delivery
+  is counted (coverage complete, or a matching confirm) the held slot becomes a used one
+  (``downloads_used`` + 1, ``downloads_held`` - 1): ``downloads_left`` shows completed deliveries only.
+* Unfinished deliveries give their slot back, so partial transfers never use up a download:
+  - a restart that does not fit the budget of an unfinished delivery with nothing in flight
+    *continues* it: the new delivery inherits its coverage and its slot (no second count);
+  - a newer version of the file (the shop replaced it) releases unfinished deliveries of older ones,
+    and a delivery that completes after its version was replaced is recorded but not counted;
+  - when a grant has no slot left and a new delivery is asked for, an unfinished delivery of the same
+    grant that is idle for ``DELIVERY_STALE_SECONDS`` or carried only scanner-sized bytes
+    (< ``SCANNER_BYTES``, nothing in flight) gives its slot to the new one; ``release_stale_deliveries``
+    (run by the purge) does the same for idle ones so ``downloads_left`` reads right.
+  A delivery that lost its slot and is resumed later must take a slot again (403 if none is left).
+* Two full copies, at once or one after the other, are two deliveries: a request that does not fit
+  the budget of a *finished* delivery, or of one with requests still in flight, starts a new one.
+* Reservation: ``charged_bytes`` grows by the request's length before the first byte; on close a
+  complete request keeps its length, a broken-off one keeps only what it sent beyond
+  ``INFLIGHT_ALLOWANCE`` (socket buffers and read-ahead proxies lose that much). A request that
+  starts strictly inside the range of a request still in flight (a resume after a crash, or a
+  download manager opening another segment) marks that older one as broken off at this offset, so a
+  SIGKILLed sidecar's orphaned reservations do not eat the budget.
+* Locks, always in this order: grant row -> delivery row -> order row (no deadlock on PostgreSQL;
+  on SQLite the first write takes the database write lock, so the rules run one at a time).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
+from flask import current_app, has_app_context
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from app.downloads.errors import DigestMismatch
-from app.downloads.models import DownloadLog, FileEntry, UserDownload
+from app.downloads.errors import DigestMismatch, DownloadsExhausted, FileUnavailable, InvalidInput, LinkExpired
+from app.downloads.evidence import add_interval, covered, maybe_ship, order_evidence, parse_intervals
+from app.downloads.models import Delivery, DownloadLog, FileEntry, UserDownload
+from app.timeutil import utcnow
+
+__all__ = ["Reservation", "open_request", "close_request", "log_request", "confirm", "grace_allows",
+           "release_stale_deliveries", "order_evidence", "maybe_ship"]
+
+SCANNER_BYTES = 64 * 1024  # what a link scanner or preview fetches; never worth a download
+ORPHAN_MAX_AGE = timedelta(hours=24)  # a request "in flight" this long belongs to a dead process
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+DEFAULTS = {"DELIVERY_BUDGET_FACTOR": 1.5, "INFLIGHT_ALLOWANCE": 16 * 1024 * 1024,
+            "EXPIRY_GRACE_SECONDS": 3600, "DELIVERY_STALE_SECONDS": 3600}
+
+
+def setting(name: str):
+    if has_app_context():
+        return current_app.config.get(name, DEFAULTS[name])
+    return DEFAULTS[name]
 
 
 @dataclass
@@ -39,32 +96,318 @@ class Reservation:
     start: int
     length: int
     delivery_id: int | None = None
+    method: str = "GET"
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+
+
+# -- locks and slots -------------------------------------------------------------------------------
+
+def _lock_grant(session: Session, grant_id: int) -> None:
+    """Serialize the rules per grant: a row lock on PostgreSQL, the write lock on SQLite."""
+    session.execute(update(UserDownload).where(UserDownload.id == grant_id)
+                    .values(downloads_used=UserDownload.downloads_used)
+                    .execution_options(synchronize_session=False))
+
+
+def _lock_delivery(session: Session, delivery_id: int) -> Delivery:
+    session.execute(update(Delivery).where(Delivery.id == delivery_id).values(closed=Delivery.closed)
+                    .execution_options(synchronize_session=False))
+    return session.execute(select(Delivery).where(Delivery.id == delivery_id)
+                           .execution_options(populate_existing=True)).scalar_one()
+
+
+def _within_limit():
+    return or_(UserDownload.max_downloads.is_(None),
+               UserDownload.downloads_used + UserDownload.downloads_held < UserDownload.max_downloads)
+
+
+def _take_slot(session: Session, grant: UserDownload) -> bool:
+    """Hold one download for a delivery that starts, if the limit allows: one conditional UPDATE
+    (never read-then-write), so concurrent requests can never pass max_downloads."""
+    result = session.execute(
+        update(UserDownload).where(UserDownload.id == grant.id, _within_limit())
+        .values(downloads_held=UserDownload.downloads_held + 1)
+        .execution_options(synchronize_session=False))
+    session.expire(grant, ["downloads_used", "downloads_held"])
+    return result.rowcount == 1
+
+
+def _give_slot(session: Session, grant: UserDownload) -> None:
+    session.execute(update(UserDownload).where(UserDownload.id == grant.id, UserDownload.downloads_held > 0)
+                    .values(downloads_held=UserDownload.downloads_held - 1)
+                    .execution_options(synchronize_session=False))
+    session.expire(grant, ["downloads_used", "downloads_held"])
+
+
+def _count(session: Session, grant_id: int, delivery: Delivery) -> None:
+    """A delivery finished: its held slot becomes a used download. One that had given its slot back
+    counts only if the limit still allows (conditional UPDATE again)."""
+    if delivery.counted:
+        return
+    if delivery.holds_slot:
+        session.execute(update(UserDownload).where(UserDownload.id == grant_id)
+                        .values(downloads_used=UserDownload.downloads_used + 1,
+                                downloads_held=UserDownload.downloads_held - 1)
+                        .execution_options(synchronize_session=False))
+        delivery.counted, delivery.holds_slot = True, False
+    else:
+        result = session.execute(update(UserDownload).where(UserDownload.id == grant_id, _within_limit())
+                                 .values(downloads_used=UserDownload.downloads_used + 1)
+                                 .execution_options(synchronize_session=False))
+        delivery.counted = result.rowcount == 1
+    grant = session.get(UserDownload, grant_id)
+    if grant is not None:
+        session.expire(grant, ["downloads_used", "downloads_held"])
+
+
+# -- requests in flight (Delivery.open_ranges: [[token, start, end, charge, presumed_broken, opened], ...]) --
+
+def _ranges(delivery: Delivery) -> list[list]:
+    return json.loads(delivery.open_ranges or "[]")
+
+
+def _live_in_flight(delivery: Delivery, now: datetime) -> bool:
+    """Requests that may still be sending (a dead process's never close: they expire after a day)."""
+    oldest = (now - ORPHAN_MAX_AGE).timestamp()
+    return any(not r[4] and r[5] > oldest for r in _ranges(delivery))
+
+
+def _presume_broken(delivery: Delivery, start: int, allowance: int) -> None:
+    """A request starting strictly inside a range still in flight: the older request broke off there."""
+    ranges = _ranges(delivery)
+    for r in ranges:
+        token, r_start, r_end, charge, presumed, _opened = r
+        if not presumed and r_start < start < r_end:
+            kept = max(0, (start - r_start) - allowance)
+            delivery.charged_bytes -= charge - min(charge, kept)
+            r[2], r[3], r[4] = start, min(charge, kept), True
+    delivery.open_ranges = json.dumps(ranges)
+
+
+def _reserve(delivery: Delivery, reservation: Reservation, now: datetime) -> None:
+    ranges = _ranges(delivery)
+    ranges.append([reservation.token, reservation.start, reservation.start + reservation.length,
+                   reservation.length, False, int(now.timestamp())])
+    delivery.open_ranges = json.dumps(ranges)
+    delivery.charged_bytes += reservation.length
+    delivery.attempts += 1
+    delivery.last_activity_at = now
+    reservation.delivery_id = delivery.id
+
+
+def _unfinished(delivery: Delivery) -> bool:
+    return delivery.evidence is None and not delivery.counted
+
+
+def _reclaimable(delivery: Delivery, now: datetime, stale_seconds: int) -> bool:
+    """An unfinished delivery whose slot another delivery of the same grant may take."""
+    if not (delivery.holds_slot and _unfinished(delivery)) or _live_in_flight(delivery, now):
+        return False
+    idle = delivery.last_activity_at is None or now - delivery.last_activity_at >= timedelta(seconds=stale_seconds)
+    return idle or delivery.covered_bytes < SCANNER_BYTES
+
+
+def _reclaim_slot(session: Session, grant: UserDownload, entry: FileEntry, now: datetime) -> bool:
+    """Move a slot from an unfinished delivery (older file version, idle, or scanner-sized) to a new one."""
+    stale = setting("DELIVERY_STALE_SECONDS")
+    candidates = session.scalars(select(Delivery).where(
+        Delivery.grant_id == grant.id, Delivery.holds_slot.is_(True), Delivery.counted.is_(False))
+        .order_by(Delivery.last_activity_at).execution_options(populate_existing=True)).all()
+    for old in candidates:
+        older_version = old.sku == entry.sku and old.path == entry.path and old.sha256 != entry.sha256
+        if (older_version and _unfinished(old)) or _reclaimable(old, now, stale):
+            old.holds_slot = False
+            old.closed = True
+            return True
+    return False
+
+
+def _still_current_version(session: Session, delivery: Delivery) -> bool:
+    current = session.scalar(select(FileEntry.sha256).where(FileEntry.sku == delivery.sku,
+                                                            FileEntry.path == delivery.path))
+    return current is None or current == delivery.sha256
+
+
+def _current(session: Session, grant_id: int, entry: FileEntry) -> Delivery | None:
+    return session.scalars(select(Delivery).where(
+        Delivery.grant_id == grant_id, Delivery.sku == entry.sku, Delivery.path == entry.path,
+        Delivery.sha256 == entry.sha256, Delivery.closed.is_(False))
+        .order_by(Delivery.id.desc()).limit(1).execution_options(populate_existing=True)).first()
+
+
+def _release_older_versions(session: Session, grant: UserDownload, entry: FileEntry) -> None:
+    """The shop replaced the file: unfinished deliveries of the old version give their slot back."""
+    for old in session.scalars(select(Delivery).where(
+            Delivery.grant_id == grant.id, Delivery.sku == entry.sku, Delivery.path == entry.path,
+            Delivery.sha256 != entry.sha256, Delivery.counted.is_(False), Delivery.holds_slot.is_(True))):
+        old.holds_slot = False
+        old.closed = True
+        _give_slot(session, grant)
+
+
+# -- the contract ----------------------------------------------------------------------------------
+
+def grace_allows(session: Session, grant: UserDownload, entry: FileEntry, now: datetime | None = None) -> bool:
+    """An expired link may still finish a delivery of this file that started before it expired."""
+    now = now or utcnow()
+    if grant.status == "revoked" or now > grant.expires_at + timedelta(seconds=setting("EXPIRY_GRACE_SECONDS")):
+        return False
+    delivery = _current(session, grant.id, entry)
+    return delivery is not None and delivery.started_at < grant.expires_at and _unfinished(delivery)
 
 
 def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, start: int, length: int,
-                 method: str = "GET") -> Reservation:
-    return Reservation(grant.id, grant.order.po_number, entry.sku, entry.path, start, length)
+                 method: str = "GET", now: datetime | None = None) -> Reservation:
+    now = now or utcnow()
+    if start < 0 or length < 0 or start + length > entry.size:
+        raise InvalidInput(f"bytes {start}+{length} are outside the file ({entry.size} bytes)", status=416)
+    reservation = Reservation(grant.id, grant.order.po_number, entry.sku, entry.path, start, length, method=method)
+    expired = grant.expires_at <= now
+    if expired and not grace_allows(session, grant, entry, now):
+        raise LinkExpired(grant.expires_at)
+    _lock_grant(session, grant.id)
+    delivery = _current(session, grant.id, entry)
+    if delivery is not None:
+        delivery = _lock_delivery(session, delivery.id)
+        _presume_broken(delivery, start, setting("INFLIGHT_ALLOWANCE"))
+        if delivery.charged_bytes + length <= delivery.budget_bytes:
+            if _unfinished(delivery) and not delivery.holds_slot:  # gave its slot back while idle
+                if not (_take_slot(session, grant) or _reclaim_slot(session, grant, entry, now)):
+                    raise DownloadsExhausted()
+                delivery.holds_slot = True
+            _reserve(delivery, reservation, now)
+            session.flush()
+            return reservation
+    if expired:  # the grace finishes deliveries, it never starts one
+        raise LinkExpired(grant.expires_at)
+    inherit = (delivery is not None and delivery.holds_slot and _unfinished(delivery)
+               and not _live_in_flight(delivery, now))
+    if not inherit and not (_take_slot(session, grant) or _reclaim_slot(session, grant, entry, now)):
+        raise DownloadsExhausted()
+    coverage: list[list[int]] = []
+    if delivery is not None:
+        delivery.closed = True
+        if inherit:  # a restart of an unfinished delivery continues it: same slot, same coverage
+            delivery.holds_slot = False
+            coverage = parse_intervals(delivery.coverage)
+    _release_older_versions(session, grant, entry)
+    budget = max(entry.size, int(entry.size * setting("DELIVERY_BUDGET_FACTOR")))
+    new = Delivery(grant_id=grant.id, sku=entry.sku, path=entry.path, sha256=entry.sha256, size=entry.size,
+                   budget_bytes=budget, charged_bytes=0, coverage=json.dumps(coverage),
+                   covered_bytes=covered(coverage), attempts=0, holds_slot=True, closed=False,
+                   open_ranges="[]", started_at=now)
+    session.add(new)
+    session.flush()
+    _reserve(new, reservation, now)
+    session.flush()
+    return reservation
 
 
 def close_request(session: Session, reservation: Reservation, bytes_sent: int, *, status: int, outcome: str,
-                  client_ip: str | None, user_agent: str | None, range_header: str | None) -> None:
+                  client_ip: str | None, user_agent: str | None, range_header: str | None,
+                  now: datetime | None = None) -> None:
+    now = now or utcnow()
+    bytes_sent = max(0, min(bytes_sent, reservation.length))
     session.add(DownloadLog(grant_id=reservation.grant_id, delivery_id=reservation.delivery_id,
                             order_po=reservation.order_po, path=reservation.path, client_ip=client_ip,
-                            user_agent=(user_agent or "")[:300], range_header=(range_header or None),
-                            status=status, start_offset=reservation.start, bytes_sent=bytes_sent,
-                            outcome=outcome))
+                            user_agent=(user_agent or "")[:300], method=reservation.method,
+                            range_header=range_header[:200] if range_header else None, status=status,
+                            start_offset=reservation.start, bytes_sent=bytes_sent, outcome=outcome, at=now))
+    if reservation.delivery_id is None:
+        return
+    _lock_grant(session, reservation.grant_id)
+    delivery = _lock_delivery(session, reservation.delivery_id)
+    delivery.last_activity_at = now
+    complete = bytes_sent >= reservation.length
+    kept = reservation.length if complete else max(0, bytes_sent - setting("INFLIGHT_ALLOWANCE"))
+    ranges = _ranges(delivery)
+    mine = next((r for r in ranges if r[0] == reservation.token), None)
+    if mine is not None:
+        ranges.remove(mine)
+        delivery.charged_bytes += kept - mine[3]
+    delivery.open_ranges = json.dumps(ranges)
+    intervals = add_interval(parse_intervals(delivery.coverage), reservation.start, reservation.start + bytes_sent)
+    delivery.coverage = json.dumps(intervals)
+    delivery.covered_bytes = covered(intervals)
+    whole = delivery.covered_bytes >= delivery.size and (delivery.size > 0 or complete)
+    finished_now = whole and delivery.evidence is None
+    if finished_now:
+        delivery.evidence = "transferred"
+        delivery.completed_at = now
+        if _still_current_version(session, delivery):
+            _count(session, reservation.grant_id, delivery)
+        elif delivery.holds_slot:  # replaced by the shop while on its way: the shopper fetches the new one
+            delivery.holds_slot = False
+            _give_slot(session, session.get(UserDownload, reservation.grant_id))
+    session.flush()
+    if finished_now:
+        grant = session.get(UserDownload, reservation.grant_id)
+        if grant is not None:
+            maybe_ship(session, grant.order_id, now)
 
 
 def log_request(session: Session, grant: UserDownload | None, path: str, *, status: int, outcome: str,
                 client_ip: str | None, user_agent: str | None, range_header: str | None = None,
-                method: str = "GET") -> None:
+                method: str = "GET", now: datetime | None = None) -> None:
     session.add(DownloadLog(grant_id=grant.id if grant else None,
-                            order_po=grant.order.po_number if grant else None, path=path,
-                            client_ip=client_ip, user_agent=(user_agent or "")[:300], method=method,
-                            range_header=range_header, status=status, bytes_sent=0, outcome=outcome))
+                            order_po=grant.order.po_number if grant else None, path=path[:1024],
+                            client_ip=client_ip, user_agent=(user_agent or "")[:300], method=method[:8],
+                            range_header=range_header[:200] if range_header else None, status=status,
+                            bytes_sent=0, outcome=outcome, at=now or utcnow()))
 
 
-def confirm(session: Session, grant: UserDownload, entry: FileEntry, sha256: str) -> str:
+def confirm(session: Session, grant: UserDownload, entry: FileEntry, sha256: str,
+            now: datetime | None = None) -> str:
+    """The client's proof. A match records ``verified`` (counting the delivery once if it was not yet);
+    a mismatch raises DigestMismatch and changes nothing."""
+    now = now or utcnow()
+    if not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256):
+        raise InvalidInput("sha256 must be 64 hexadecimal digits", status=400)
+    if entry.flagged:
+        raise FileUnavailable("This file failed the shop's integrity check, so it cannot be confirmed.",
+                              advice="The shop has been told. Please try again later.")
     if sha256.lower() != entry.sha256:
         raise DigestMismatch()
+    _lock_grant(session, grant.id)
+    delivery = session.scalars(select(Delivery).where(
+        Delivery.grant_id == grant.id, Delivery.sku == entry.sku, Delivery.path == entry.path,
+        Delivery.sha256 == entry.sha256).order_by(Delivery.evidence.is_(None), Delivery.id.desc()).limit(1)
+        .execution_options(populate_existing=True)).first()
+    if delivery is None:  # the bytes came another way (accel, a copy): the proof still ships
+        budget = max(entry.size, int(entry.size * setting("DELIVERY_BUDGET_FACTOR")))
+        delivery = Delivery(grant_id=grant.id, sku=entry.sku, path=entry.path, sha256=entry.sha256,
+                            size=entry.size, budget_bytes=budget, charged_bytes=0, coverage="[]",
+                            covered_bytes=0, attempts=0, holds_slot=False, closed=False, open_ranges="[]",
+                            started_at=now, last_activity_at=now)
+        session.add(delivery)
+        session.flush()
+    delivery = _lock_delivery(session, delivery.id)
+    if delivery.evidence == "verified":
+        return "verified"
+    _count(session, grant.id, delivery)
+    delivery.evidence = "verified"
+    delivery.verified_at = now
+    delivery.completed_at = delivery.completed_at or now
+    session.flush()
+    maybe_ship(session, grant.order_id, now)
     return "verified"
+
+
+def release_stale_deliveries(session: Session, now: datetime | None = None) -> int:
+    """Give back the slots of unfinished deliveries idle for DELIVERY_STALE_SECONDS (the purge calls this)."""
+    now = now or utcnow()
+    stale = timedelta(seconds=setting("DELIVERY_STALE_SECONDS"))
+    released = 0
+    ids = session.scalars(select(Delivery.id).where(
+        Delivery.holds_slot.is_(True), Delivery.counted.is_(False), Delivery.evidence.is_(None),
+        or_(Delivery.last_activity_at.is_(None), Delivery.last_activity_at < now - stale))).all()
+    for delivery_id in ids:
+        grant_id = session.scalar(select(Delivery.grant_id).where(Delivery.id == delivery_id))
+        _lock_grant(session, grant_id)
+        delivery = _lock_delivery(session, delivery_id)
+        if delivery.holds_slot and _unfinished(delivery) and not _live_in_flight(delivery, now):
+            delivery.holds_slot = False
+            _give_slot(session, session.get(UserDownload, grant_id))
+            released += 1
+        session.flush()
+    return released

@@ -31,6 +31,9 @@ class UserDownload(db.Model):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     max_downloads: Mapped[int | None] = mapped_column()  # None: unlimited
     downloads_used: Mapped[int] = mapped_column(default=0)
+    # Slots held by deliveries in progress (app.downloads.delivery): the limit is used + held, so it
+    # holds before any byte leaves, while downloads_left shows only completed deliveries.
+    downloads_held: Mapped[int] = mapped_column(default=0, server_default="0")
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | revoked | expired
     bound_ip: Mapped[str | None] = mapped_column(String(64))
     entitlement_class: Mapped[str | None] = mapped_column(String(64))
@@ -114,6 +117,12 @@ class Delivery(db.Model):
     evidence: Mapped[str | None] = mapped_column(String(16))  # None | transferred | verified
     counted: Mapped[bool] = mapped_column(default=False)
     attempts: Mapped[int] = mapped_column(default=0)
+    # Rules of app.downloads.delivery: a delivery holds one of the grant's download slots while it
+    # is open or counted; "closed" takes no new requests (budget spent or superseded).
+    holds_slot: Mapped[bool] = mapped_column(default=False)
+    closed: Mapped[bool] = mapped_column(default=False)
+    open_ranges: Mapped[str] = mapped_column(Text, default="[]")  # JSON [[token, start, reserved], ...] in flight
+    last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 12:52:51.819484
+Create Date: 2026-11-23 13:02:53.271575
 
 """
 from alembic import op
@@ -184,6 +184,7 @@ def upgrade():
     sa.Column('expires_at', app.timeutil.UTCDateTime(), nullable=False),
     sa.Column('max_downloads', sa.Integer(), nullable=True),
     sa.Column('downloads_used', sa.Integer(), nullable=False),
+    sa.Column('downloads_held', sa.Integer(), server_default='0', nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('bound_ip', sa.String(length=64), nullable=True),
     sa.Column('entitlement_class', sa.String(length=64), nullable=True),
@@ -215,6 +216,10 @@ def upgrade():
     sa.Column('evidence', sa.String(length=16), nullable=True),
     sa.Column('counted', sa.Boolean(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('holds_slot', sa.Boolean(), nullable=False),
+    sa.Column('closed', sa.Boolean(), nullable=False),
+    sa.Column('open_ranges', sa.Text(), nullable=False),
+    sa.Column('last_activity_at', app.timeutil.UTCDateTime(), nullable=True),
     sa.Column('started_at', app.timeutil.UTCDateTime(), nullable=False),
     sa.Column('completed_at', app.timeutil.UTCDateTime(), nullable=True),
     sa.Column('verified_at', app.timeutil.UTCDateTime(), nullable=True),

@@ -1,0 +1,173 @@
+"""Package manager and editor: list, create empty, edit attributes, assign/remove files, delete.
+
+Opening the manager deletes expired packages first (records and ZIPs; the original files stay).
+"""
+from __future__ import annotations
+
+from datetime import date
+
+from flask import abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user
+from sqlalchemy import select
+
+from app.accounts.models import User
+from app.admin.blueprint import audit, bp, confirm_page, confirmed, download_dir, refuse
+from app.downloads import packages as rules
+from app.downloads.errors import InvalidInput
+from app.downloads.models import PACKAGES_SKU, FileEntry, Package
+from app.extensions import db
+from app.timeutil import utcnow
+
+
+def _form_date(text: str | None) -> date | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"expiry must be a date like 2030-12-31, not {text!r}") from None
+
+
+def _form_days(text: str | None) -> int | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise InvalidInput(f"lifetime must be a whole number of days, not {text!r}")
+    return int(text)
+
+
+def _managed(name: str) -> Package:
+    package = db.session.scalar(select(Package).where(Package.name == name))
+    if package is None:
+        abort(404, f"There is no package named {name}.")
+    if not rules.can_manage(current_user, package):
+        abort(403, f"You may not manage package {name}: ask an administrator to add you to its managers.")
+    return package
+
+
+def _report(result: rules.BuildResult, done: str) -> None:
+    if result.ok:
+        flash(done, "success")
+    else:
+        flash(result.error or "the ZIP could not be built", "error")
+
+
+@bp.get("/packages")
+def packages():
+    expired = rules.purge_expired_packages(db.session, download_dir(), utcnow().date())
+    if expired:
+        audit("package.purge", "packages " + ", ".join(expired), "expired; removed when the package manager opened")
+        db.session.commit()
+        flash(f"Expired packages removed: {', '.join(expired)} (their original files stay).", "info")
+    rows = []
+    for package in db.session.scalars(select(Package).order_by(Package.name)):
+        rows.append({"package": package, "zip": rules.zip_entry(db.session, package.name),
+                     "may_manage": rules.can_manage(current_user, package),
+                     "on_sale": rules.on_sale(package)})
+    return render_template("admin/packages.html", title="Packages", rows=rows, owners=_owners())
+
+
+def _owners() -> list[User]:
+    return list(db.session.scalars(select(User).where(User.role == "owner").order_by(User.email)))
+
+
+@bp.post("/packages/new")
+def package_new():
+    name = (request.form.get("name") or "").strip()
+    try:
+        rules.create_package(db.session, name, _form_date(request.form.get("expires_on")),
+                             _form_days(request.form.get("lifetime_days")), request.form.getlist("managers"))
+    except InvalidInput as exc:
+        return refuse(exc, url_for("admin.packages"))
+    audit("package.create", f"package {name}")
+    db.session.commit()
+    flash(f"Package {name} created. Add files to build its ZIP.", "success")
+    return redirect(url_for("admin.package_edit", name=name))
+
+
+@bp.get("/packages/<name>")
+def package_edit(name: str):
+    package = _managed(name)
+    assigned = {pf.file_path for pf in package.files}
+    entries = {e.registered_path: e for e in db.session.scalars(
+        select(FileEntry).where(FileEntry.sku != PACKAGES_SKU).order_by(FileEntry.sku, FileEntry.path))}
+    available = [e for path, e in entries.items() if path not in assigned and not e.missing]
+    return render_template("admin/package_edit.html", title=f"Package {name}", package=package,
+                           zip=rules.zip_entry(db.session, name), entries=entries, available=available,
+                           owners=_owners(), manager_ids={m.user_id for m in package.managers},
+                           on_sale=rules.on_sale(package))
+
+
+@bp.post("/packages/<name>/settings")
+def package_settings(name: str):
+    package = _managed(name)
+    back = url_for("admin.package_edit", name=name)
+    try:
+        rules.update_package(db.session, package, expires_on=_form_date(request.form.get("expires_on")),
+                             lifetime_days=_form_days(request.form.get("lifetime_days")),
+                             managers=request.form.getlist("managers"))
+    except InvalidInput as exc:
+        return refuse(exc, back)
+    audit("package.update", f"package {name}",
+          f"expires {package.expires_on or '-'}, lifetime {package.lifetime_days or '-'}, "
+          f"managers {len(package.managers)}")
+    db.session.commit()
+    flash("Package settings saved.", "success")
+    return redirect(back)
+
+
+@bp.post("/packages/<name>/add")
+def package_add(name: str):
+    package = _managed(name)
+    back = url_for("admin.package_edit", name=name)
+    files = request.form.getlist("files")
+    try:
+        result = rules.add_files(db.session, download_dir(), package, files)
+    except InvalidInput as exc:
+        return refuse(exc, back)
+    audit("package.add", f"package {name}", " ".join(files))
+    db.session.commit()
+    _report(result, f"Added {len(files)} file(s); the ZIP was rebuilt.")
+    return redirect(back)
+
+
+@bp.post("/packages/<name>/remove")
+def package_remove(name: str):
+    package = _managed(name)
+    back = url_for("admin.package_edit", name=name)
+    files = request.form.getlist("files")
+    try:
+        result = rules.remove_files(db.session, download_dir(), package, files)
+    except InvalidInput as exc:
+        return refuse(exc, back)
+    audit("package.remove", f"package {name}", " ".join(files))
+    db.session.commit()
+    _report(result, f"Removed {len(files)} file(s); " + ("the ZIP was rebuilt." if package.files else "no files left, no ZIP."))
+    return redirect(back)
+
+
+@bp.post("/packages/<name>/rebuild")
+def package_rebuild(name: str):
+    package = _managed(name)
+    result = rules.build_zip(db.session, download_dir(), package)
+    audit("package.rebuild", f"package {name}")
+    db.session.commit()
+    _report(result, "The ZIP was rebuilt.")
+    return redirect(url_for("admin.package_edit", name=name))
+
+
+@bp.post("/packages/<name>/delete")
+def package_delete(name: str):
+    package = _managed(name)
+    if not confirmed():
+        return confirm_page(f"Delete package {name}?",
+                            f"Package {name} and its ZIP will be deleted. Its {len(package.files)} original "
+                            "file(s) stay in the file manager.",
+                            url_for("admin.package_delete", name=name), url_for("admin.package_edit", name=name))
+    rules.delete_package(db.session, download_dir(), package)
+    audit("package.delete", f"package {name}")
+    db.session.commit()
+    flash(f"Package {name} deleted; its original files stay.", "success")
+    return redirect(url_for("admin.packages"))

@@ -1,0 +1,174 @@
+"""Opening a download link: receipt validation in the issue's order, the files a grant offers, and
+safe resolution of a requested file. Plain functions; the sidecar (and the store's "My downloads")
+call them, the caller commits.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.downloads.errors import (
+    AddressMismatch, DownloadsExhausted, FileNotFound, FileUnavailable, InvalidInput, LinkExpired,
+    LinkNotFound, LinkRevoked,
+)
+from app.downloads.models import PACKAGES_SKU, Delivery, EntitlementChoice, FileEntry, UserDownload
+from app.downloads.receipts import Receipt, address_tag, key_matches, read_receipt
+from app.store.models import Product
+from app.timeutil import utcnow
+
+
+@dataclass(frozen=True)
+class OpenedGrant:
+    grant: UserDownload
+    receipt: Receipt
+
+
+def open_grant(session: Session, secret: str, token: str, client_ip: str, *, listing: bool = True,
+               now: datetime | None = None) -> OpenedGrant:
+    """Validate a link, in this order: signature (no database query when forged), grant + key + order,
+    revoked 403, expired 410, limit used up 403 (listings only: for files the counting rules decide,
+    so a delivery in progress may finish), bound address 403.
+    """
+    receipt = read_receipt(secret, token)
+    grant = session.get(UserDownload, receipt.grant_id)
+    # Compare the key even when the grant is gone, so timing does not tell which ids exist.
+    key_ok = key_matches(receipt.key, grant.key_hash if grant else "0" * 64)
+    if grant is None or not key_ok or (grant.order.po_number or "") != receipt.po_number:
+        raise LinkNotFound()
+    if grant.status == "revoked":
+        raise LinkRevoked()
+    now = now or utcnow()
+    if grant.status == "expired" or grant.expires_at <= now:
+        raise LinkExpired(grant.expires_at)
+    if listing and grant.downloads_left == 0:
+        raise DownloadsExhausted()
+    if grant.bound_ip and not hmac.compare_digest(address_tag(secret, client_ip),
+                                                  address_tag(secret, grant.bound_ip)):
+        raise AddressMismatch()
+    return OpenedGrant(grant, receipt)
+
+
+def within_grace(session: Session, grant: UserDownload, entry: FileEntry, grace_seconds: int,
+                 now: datetime | None = None) -> bool:
+    """An expired link may still finish (resume) a delivery that started before it expired."""
+    now = now or utcnow()
+    if grant.status == "revoked" or now > grant.expires_at + timedelta(seconds=grace_seconds):
+        return False
+    started = session.scalar(select(Delivery.id).where(
+        Delivery.grant_id == grant.id, Delivery.path == entry.path, Delivery.sku == entry.sku,
+        Delivery.counted.is_(False), Delivery.started_at < grant.expires_at).limit(1))
+    return started is not None
+
+
+def is_class_entitlement(grant: UserDownload) -> bool:
+    return bool(grant.entitlement_class)
+
+
+def public_path(grant: UserDownload, entry: FileEntry) -> str:
+    """The file's name in URLs and listings: its path in the product; under a class entitlement,
+    prefixed by the chosen product's SKU (several products may share a file name)."""
+    return f"{entry.sku}/{entry.path}" if is_class_entitlement(grant) else entry.path
+
+
+def files_for_grant(session: Session, grant: UserDownload) -> list[FileEntry]:
+    """Every servable index entry of this grant: a product's files, its package ZIP, or the files
+    of the products picked under a class entitlement."""
+    if is_class_entitlement(grant):
+        skus = [choice.product.sku for choice in grant.choices if choice.product is not None]
+        if not skus:
+            return []
+        query = select(FileEntry).where(FileEntry.sku.in_(skus))
+    elif grant.product is not None and grant.product.package is not None:
+        query = select(FileEntry).where(FileEntry.sku == PACKAGES_SKU,
+                                        FileEntry.path == f"{grant.product.package.name}.zip")
+    else:
+        query = select(FileEntry).where(FileEntry.sku == grant.sku)
+    return list(session.scalars(query.where(FileEntry.missing.is_(False)).order_by(FileEntry.sku, FileEntry.path)))
+
+
+def looks_hostile(requested: str) -> bool:
+    """Shapes no index entry can have; refused before any lookup (and logged by the caller)."""
+    parts = requested.split("/")
+    return (not requested or "\0" in requested or "\\" in requested or requested.startswith("/")
+            or any(part in ("", ".", "..") for part in parts))
+
+
+def find_file(session: Session, grant: UserDownload, requested: str) -> FileEntry:
+    """The index entry named by ``requested``, looked up (never joined onto a directory) among the
+    grant's own entries. FileNotFound when there is none."""
+    if looks_hostile(requested) or len(requested) > 1100:
+        raise FileNotFound()
+    if is_class_entitlement(grant):
+        sku, _, path = requested.partition("/")
+        chosen = {c.product.sku for c in grant.choices if c.product is not None}
+        if sku not in chosen:
+            raise FileNotFound()
+    elif grant.product is not None and grant.product.package is not None:
+        sku, path = PACKAGES_SKU, requested
+        if path != f"{grant.product.package.name}.zip":
+            raise FileNotFound()
+    else:
+        sku, path = grant.sku, requested
+    entry = session.scalar(select(FileEntry).where(FileEntry.sku == sku, FileEntry.path == path,
+                                                   FileEntry.missing.is_(False)))
+    if entry is None:
+        raise FileNotFound()
+    return entry
+
+
+def real_path(download_dir: str, entry: FileEntry) -> Path:
+    """The entry's file on disk, guaranteed inside DOWNLOAD_DIR/<SKU>/ (symlinks resolved).
+
+    FileNotFound when a link leads out of the tree; FileUnavailable when the file is gone or differs
+    from what was indexed (being replaced: never serve bytes that do not match the listed SHA-256).
+    """
+    root = (Path(download_dir) / entry.sku).resolve()
+    full = (root / entry.path).resolve()
+    if not full.is_relative_to(root) or full == root:
+        raise FileNotFound()
+    try:
+        st = os.stat(full)
+    except OSError:
+        raise FileUnavailable() from None
+    if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
+        raise FileUnavailable("This file is being updated right now.",
+                              advice="Please try again in a few minutes.")
+    return full
+
+
+def choose_entitlement(session: Session, grant: UserDownload, sku: str) -> EntitlementChoice:
+    """Pick one product of the grant's class; each pick uses one of the N. Idempotent per product."""
+    if not is_class_entitlement(grant):
+        raise InvalidInput("This download is not a choice of products.", status=400)
+    product = session.scalar(select(Product).where(Product.sku == sku))
+    if product is None or product.content_class != grant.entitlement_class or not product.active:
+        raise InvalidInput(f"{sku} is not one of the products you can choose from.", status=400)
+    for choice in grant.choices:
+        if choice.product_id == product.id:
+            return choice
+    # Lock the grant row so two concurrent picks cannot both take the last choice.
+    session.execute(select(UserDownload.id).where(UserDownload.id == grant.id).with_for_update())
+    session.refresh(grant, ["choices"])
+    if len(grant.choices) >= (grant.entitlement_count or 0):
+        raise InvalidInput(f"You have already chosen all {grant.entitlement_count} products of this download.",
+                           status=403)
+    choice = EntitlementChoice(grant=grant, product=product)
+    session.add(choice)
+    session.flush()
+    return choice
+
+
+def choices_left(grant: UserDownload) -> int:
+    return max(0, (grant.entitlement_count or 0) - len(grant.choices))
+
+
+def class_offer(session: Session, grant: UserDownload) -> list[Product]:
+    """The products a class entitlement may still pick from (active, of the grant's class)."""
+    return list(session.scalars(select(Product).where(Product.content_class == grant.entitlement_class,
+                                                      Product.active.is_(True)).order_by(Product.name)))

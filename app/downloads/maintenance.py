@@ -1,0 +1,280 @@
+"""Maintenance rules shared by ``softgoods purge`` (cron) and ``softgoods watch`` (the watcher).
+
+What purge does, in this order, each step idempotent and in short transactions so the sidecar,
+the store and a running watcher keep working meanwhile (SQLite queues writers on its busy timeout):
+
+1. **Expire grants** past ``expires_at + EXPIRY_GRACE_SECONDS`` (a transfer that started before
+   expiry may finish within the grace). Rows stay for the order history: ``status`` becomes
+   ``expired`` and ``symlink_token`` is cleared. The key hash is kept on purpose, so the link still
+   proves which order it belongs to and answers **410 with the date it expired** forever (a cleared
+   key would turn it into a puzzling 404), and an owner who extends the grant revives the same link.
+   Batched by primary-key ranges, so memory stays bounded and no transaction holds the write lock
+   for long.
+2. **Remove symlink folders** (``SYMLINK_DIR/<symlink_token>/``) of the grants just expired, plus
+   orphans: folders older than ``ORPHAN_MIN_AGE`` that no active grant owns (a crash between the
+   commit and the removal, a revoked grant).
+3. **Delete expired download packages** (record and ZIP; the original files stay) through
+   ``app.downloads.packages.purge_expired_packages``.
+4. **Prune download-log rows** older than ``LOG_RETENTION_DAYS``, batched.
+5. **Retry the email outbox** (``app.mail.flush_outbox``), never in a dry run.
+
+``dry_run=True`` writes nothing at all (no row, no file) and reports what a real run would remove.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from app.downloads.models import DownloadLog, OutboxMessage, UserDownload
+from app.store.models import Order
+
+BATCH = 50_000  # rows per transaction: big enough to be fast, small enough to keep locks short
+ORPHAN_MIN_AGE = timedelta(minutes=10)  # the sidecar creates a folder before it commits its token
+SAMPLE = 20  # grants named one by one in the report; the rest are counted
+
+
+@dataclass
+class PurgeReport:
+    dry_run: bool
+    cutoff: datetime
+    grants_expired: int = 0
+    grant_samples: list[str] = field(default_factory=list)
+    symlink_dirs: list[str] = field(default_factory=list)
+    packages: list[str] = field(default_factory=list)
+    log_rows: int = 0
+    log_cutoff: datetime | None = None
+    outbox_sent: int | None = None
+    outbox_waiting: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """What a person reads in the cron mail: one line per fact, verbs say whether it happened."""
+        verb = "would " if self.dry_run else ""
+        out = [f"{verb}expire {self.grants_expired} grant(s) past {self.cutoff:%Y-%m-%d %H:%M} UTC "
+               f"(expiry plus grace)"]
+        out += [f"  {line}" for line in self.grant_samples]
+        if self.grants_expired > len(self.grant_samples):
+            out.append(f"  ... and {self.grants_expired - len(self.grant_samples)} more")
+        out.append(f"{verb}remove {len(self.symlink_dirs)} symlink folder(s)")
+        out += [f"  {name}" for name in self.symlink_dirs[:SAMPLE]]
+        out.append(f"{verb}delete {len(self.packages)} expired package(s)"
+                   + (f": {', '.join(self.packages)}" if self.packages else ""))
+        if self.log_cutoff is not None:
+            out.append(f"{verb}prune {self.log_rows} download-log row(s) before {self.log_cutoff:%Y-%m-%d}")
+        if self.outbox_sent is None:
+            out.append(f"{verb}retry {self.outbox_waiting} unsent email(s)" if self.dry_run
+                       else f"outbox: {self.outbox_waiting} unsent email(s) wait (mail not configured here)")
+        else:
+            out.append(f"sent {self.outbox_sent} of {self.outbox_waiting} waiting email(s)")
+        out += self.notes
+        return out
+
+
+def expiry_cutoff(now: datetime, grace_seconds: int) -> datetime:
+    return now - timedelta(seconds=grace_seconds)
+
+
+def _expired_condition(cutoff: datetime):
+    return and_(UserDownload.status == "active", UserDownload.expires_at < cutoff)
+
+
+def count_expired_grants(session: Session, cutoff: datetime) -> int:
+    return session.scalar(select(func.count()).select_from(UserDownload).where(_expired_condition(cutoff))) or 0
+
+
+def _describe_expired(session: Session, cutoff: datetime, limit: int) -> list[str]:
+    rows = session.execute(
+        select(UserDownload.id, UserDownload.sku, UserDownload.expires_at, Order.po_number, Order.email)
+        .join(Order, Order.id == UserDownload.order_id)
+        .where(_expired_condition(cutoff)).order_by(UserDownload.id).limit(limit))
+    return [f"grant {gid} {po} {sku} for {email}, expired {exp:%Y-%m-%d %H:%M} UTC"
+            for gid, sku, exp, po, email in rows]
+
+
+def expire_grants(session: Session, cutoff: datetime, *, symlink_dir: str | Path | None,
+                  commit: bool = True, batch: int = BATCH) -> tuple[int, list[str]]:
+    """Mark grants past ``cutoff`` expired, batch by batch; remove their symlink folders.
+
+    Returns (grants expired, symlink folders removed). Each batch is one short transaction: the
+    commit comes before the folders go, so a crash in between leaves orphans that
+    ``remove_orphan_links`` sweeps, never a live grant without its folder.
+    """
+    span = session.execute(select(func.min(UserDownload.id), func.max(UserDownload.id))
+                           .where(_expired_condition(cutoff))).one()
+    if span[0] is None:
+        return 0, []
+    expired, removed = 0, []
+    low, high = span
+    while low <= high:
+        in_batch = and_(UserDownload.id >= low, UserDownload.id < low + batch, _expired_condition(cutoff))
+        tokens = list(session.scalars(select(UserDownload.symlink_token)
+                                      .where(in_batch, UserDownload.symlink_token.is_not(None))))
+        if tokens:  # only rows that own a folder pay for the extra column write
+            session.execute(update(UserDownload).where(in_batch, UserDownload.symlink_token.is_not(None))
+                            .values(symlink_token=None).execution_options(synchronize_session=False))
+        result = session.execute(update(UserDownload).where(in_batch).values(status="expired")
+                                 .execution_options(synchronize_session=False))
+        expired += result.rowcount or 0
+        if commit:
+            session.commit()
+        if symlink_dir:
+            removed += [t for t in tokens if remove_link_folder(symlink_dir, t)]
+        low += batch
+    return expired, removed
+
+
+def link_folder(symlink_dir: str | Path, token: str) -> Path | None:
+    """The folder of one grant's links; None for a token that could name anything else."""
+    if not token or "/" in token or token.startswith("."):
+        return None
+    return Path(symlink_dir) / token
+
+
+def remove_link_folder(symlink_dir: str | Path, token: str) -> bool:
+    folder = link_folder(symlink_dir, token)
+    if folder is None or not folder.exists() and not folder.is_symlink():
+        return False
+    if folder.is_symlink() or not folder.is_dir():
+        folder.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # links only: rmtree never follows them
+    return True
+
+
+def orphan_link_folders(session: Session, symlink_dir: str | Path, now: datetime) -> list[str]:
+    """Folders in SYMLINK_DIR that no active grant owns and that are old enough not to be in the making."""
+    root = Path(symlink_dir)
+    if not root.is_dir():
+        return []
+    too_new = (now - ORPHAN_MIN_AGE).timestamp()
+    candidates = []
+    for child in root.iterdir():
+        if child.name.startswith("."):
+            continue
+        try:
+            if child.lstat().st_mtime > too_new:
+                continue
+        except FileNotFoundError:
+            continue
+        candidates.append(child.name)
+    orphans = []
+    for start in range(0, len(candidates), 1000):
+        chunk = candidates[start:start + 1000]
+        owned = set(session.scalars(select(UserDownload.symlink_token).where(
+            UserDownload.symlink_token.in_(chunk), UserDownload.status == "active")))
+        orphans += sorted(set(chunk) - owned)
+    return orphans
+
+
+def prune_download_log(session: Session, before: datetime, *, commit: bool = True, batch: int = BATCH) -> int:
+    """Delete log rows older than ``before`` in batches (deleted rows leave the index: no rescans)."""
+    total = 0
+    while True:
+        ids = select(DownloadLog.id).where(DownloadLog.at < before).order_by(DownloadLog.at).limit(batch)
+        result = session.execute(delete(DownloadLog).where(DownloadLog.id.in_(ids.scalar_subquery()))
+                                 .execution_options(synchronize_session=False))
+        if commit:
+            session.commit()
+        total += result.rowcount or 0
+        if (result.rowcount or 0) < batch:
+            return total
+
+
+def _packages_purger() -> Callable | None:
+    try:
+        from app.downloads.packages import purge_expired_packages
+    except ImportError:
+        return None
+    return purge_expired_packages
+
+
+def _outbox_flusher() -> Callable | None:
+    try:
+        from app.mail import flush_outbox
+    except ImportError:
+        return None
+    return flush_outbox
+
+
+def unsent_emails(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None))) or 0
+
+
+def purge(session: Session, now: datetime, *, dry_run: bool, download_dir: str | Path,
+          symlink_dir: str | Path, grace_seconds: int, log_retention_days: int | None,
+          send_mail: bool = True) -> PurgeReport:
+    """The cron job's rule. Commits its own short batches (unless ``dry_run``: then it writes nothing)."""
+    cutoff = expiry_cutoff(now, grace_seconds)
+    report = PurgeReport(dry_run=dry_run, cutoff=cutoff)
+    report.grant_samples = _describe_expired(session, cutoff, SAMPLE)
+    if dry_run:
+        report.grants_expired = count_expired_grants(session, cutoff)
+        tokens = session.scalars(select(UserDownload.symlink_token).where(
+            _expired_condition(cutoff), UserDownload.symlink_token.is_not(None)).limit(10_000))
+        report.symlink_dirs = [t for t in tokens if (f := link_folder(symlink_dir, t)) and f.exists()]
+    else:
+        report.grants_expired, report.symlink_dirs = expire_grants(session, cutoff, symlink_dir=symlink_dir)
+    orphans = orphan_link_folders(session, symlink_dir, now)
+    if not dry_run:
+        orphans = [name for name in orphans if remove_link_folder(symlink_dir, name)]
+    report.symlink_dirs += orphans
+
+    purge_packages = _packages_purger()
+    if purge_packages is None:
+        report.notes.append("packages: not available in this installation")
+    else:
+        report.packages = purge_packages(session, download_dir, now.date(), dry_run=dry_run)
+        if not dry_run:
+            session.commit()
+
+    if log_retention_days:
+        report.log_cutoff = now - timedelta(days=log_retention_days)
+        if dry_run:
+            report.log_rows = session.scalar(select(func.count()).select_from(DownloadLog)
+                                             .where(DownloadLog.at < report.log_cutoff)) or 0
+        else:
+            report.log_rows = prune_download_log(session, report.log_cutoff)
+
+    report.outbox_waiting = unsent_emails(session)
+    flush = _outbox_flusher()
+    if not dry_run and send_mail and flush is not None and report.outbox_waiting:
+        report.outbox_sent = flush(session)
+        session.commit()
+    if dry_run:
+        session.rollback()  # reads only; end the read transaction so no snapshot lingers
+    return report
+
+
+class RateLimiter:
+    """Keeps a long job to ``bytes_per_second`` on average (the background re-hash)."""
+
+    def __init__(self, bytes_per_second: int, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] = time.sleep):
+        self.rate = bytes_per_second
+        self.clock, self.sleep = clock, sleep
+        self.started = clock()
+        self.done = 0
+
+    def spend(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        self.done += n
+        ahead = self.done / self.rate - (self.clock() - self.started)
+        if ahead > 0:
+            self.sleep(ahead)
+
+
+def file_signature(path: str | os.PathLike) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

@@ -1,0 +1,307 @@
+"""Delivery modes: one small interface ("deliver this validated file for this grant"), three
+implementations chosen by the ``DELIVERY`` setting (CTFd's uploaders): ``pipe`` (the sidecar sends
+the bytes with sendfile), ``symlink`` (a random folder of links per grant, served by nginx) and
+``accel`` (nginx's X-Accel-Redirect to an internal location).
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+from urllib.parse import quote
+
+from sqlalchemy import update
+from werkzeug.http import http_date
+# Flask's own Response: Flask re-runs any other response type as a WSGI app, hiding the file wrapper
+from flask import Flask, Response, current_app
+
+from app.downloads import delivery
+from app.downloads.models import FileEntry, UserDownload
+from app.downloads.ranges import ByteRange, Plan, evaluate
+from app.extensions import db
+
+log = logging.getLogger("softgoods.sidecar")
+
+BLOCK = 256 * 1024  # only for servers without wsgi.file_wrapper (the test client) and multipart bodies
+
+
+@dataclass
+class FileRequest:
+    """A validated request for one file of one grant (what every mode needs)."""
+
+    grant: UserDownload
+    entry: FileEntry
+    name: str  # the file's path as the shopper sees it (listing "path")
+    full_path: Path  # real path, already checked to lie inside DOWNLOAD_DIR/<SKU>/
+    metalink_url: str
+    method: str
+    headers: object  # request headers (a mapping with .get)
+    environ: dict
+    client_ip: str
+    user_agent: str | None
+
+
+class DeliveryMode(Protocol):
+    def deliver(self, req: FileRequest) -> Response: ...
+
+
+def etag_for(entry: FileEntry) -> str:
+    """Strong validator from the content itself: same bytes, same tag, on every sidecar host."""
+    return f'"{entry.sha256[:40]}"'
+
+
+def content_disposition(name: str) -> str:
+    """RFC 6266 attachment with an ASCII fallback and the exact UTF-8 name in ``filename*``."""
+    base = name.rsplit("/", 1)[-1]
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\%;' else "_" for c in base) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(base, safe='')}"
+
+
+def file_headers(req: FileRequest) -> dict[str, str]:
+    entry = req.entry
+    digest = base64.b64encode(bytes.fromhex(entry.sha256)).decode()
+    return {
+        "Content-Type": entry.media_type,
+        "Content-Disposition": content_disposition(req.name),
+        "ETag": etag_for(entry),
+        "Last-Modified": http_date(entry.mtime_ns // 1_000_000_000),
+        "Accept-Ranges": "bytes",
+        "Repr-Digest": f"sha-256=:{digest}:",
+        "Link": f'<{req.metalink_url}>; rel=describedby; type="application/metalink4+xml"',
+        "Cache-Control": "private, no-transform",
+    }
+
+
+def _log_only(req: FileRequest, status: int, outcome: str) -> None:
+    delivery.log_request(db.session, req.grant, req.entry.path, status=status, outcome=outcome,
+                         client_ip=req.client_ip, user_agent=req.user_agent,
+                         range_header=req.headers.get("Range"), method=req.method)
+    db.session.commit()
+
+
+class TrackedFile:
+    """What gunicorn's sendfile gets: a real fd positioned at the range start, and a ``seek`` that
+    remembers where ``socket.sendfile`` stopped (it seeks to the final offset in its ``finally``,
+    also when the client broke off), so ``close()`` knows how many bytes really left."""
+
+    mode = "rb"
+
+    def __init__(self, fh, start: int, length: int, on_close: Callable[[int], None]):
+        self._fh, self.start, self.length, self._on_close = fh, start, length, on_close
+        self.position = start
+        self._closed = False
+        fh.seek(start)
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.position = self._fh.seek(offset, whence)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        """Bounded to the range: a fallback read loop can never send past Content-Length."""
+        remaining = self.start + self.length - self.position
+        if size is None or size < 0 or size > remaining:
+            size = remaining
+        data = self._fh.read(size) if size > 0 else b""
+        self.position += len(data)
+        return data
+
+    def chunks(self) -> Iterator[bytes]:
+        try:
+            while data := self.read(BLOCK):
+                yield data
+        finally:
+            self.close()
+
+    @property
+    def bytes_sent(self) -> int:
+        return min(max(0, self.position - self.start), self.length)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._fh.close()
+        self._on_close(self.bytes_sent)
+
+
+def _finisher(app: Flask, reservation: delivery.Reservation, req: FileRequest, status: int,
+              length: int) -> Callable[[int], None]:
+    """close_request in its own app context: the response body closes after the request's context."""
+    from sidecar.metrics import transfer_finished
+
+    range_header = req.headers.get("Range")
+
+    def finish(sent: int) -> None:
+        transfer_finished(sent)
+        with app.app_context():
+            try:
+                delivery.close_request(db.session, reservation, sent, status=status,
+                                       outcome="complete" if sent == length else "aborted",
+                                       client_ip=req.client_ip, user_agent=req.user_agent,
+                                       range_header=range_header)
+                db.session.commit()
+            except Exception:  # the bytes are gone either way; never lose the worker over a log row
+                log.exception("could not record the end of %s (%d bytes)", req.entry.registered_path, sent)
+                db.session.rollback()
+    return finish
+
+
+class PipeDelivery:
+    """The sidecar sends the bytes itself: full and single-range bodies by sendfile (zero-copy)."""
+
+    def deliver(self, req: FileRequest) -> Response:
+        entry = req.entry
+        headers = file_headers(req)
+        plan = evaluate(req.headers, size=entry.size, etag=headers["ETag"], mtime=entry.mtime_ns // 1_000_000_000)
+        headers["X-Accel-Buffering"] = "no"  # a buffering proxy would read ahead of the shopper
+        if plan.status in (304, 412):
+            _log_only(req, plan.status, "not-modified" if plan.status == 304 else "refused")
+            keep = ("ETag", "Last-Modified", "Cache-Control") if plan.status == 304 else ()
+            return Response(status=plan.status, headers={k: headers[k] for k in keep})
+        if plan.status == 416:
+            _log_only(req, 416, "refused")
+            return Response("Requested range not satisfiable\n", status=416, mimetype="text/plain",
+                            headers={"Content-Range": f"bytes */{entry.size}"})
+        if len(plan.ranges) > 1:
+            return self._multipart(req, plan, headers)
+        part = plan.ranges[0] if plan.ranges else ByteRange(0, entry.size)
+        if plan.status == 206:
+            headers["Content-Range"] = part.content_range(entry.size)
+        headers["Content-Length"] = str(part.length)
+        if req.method == "HEAD":
+            _log_only(req, plan.status, "head")
+            return Response(status=plan.status, headers=headers)
+        return self._send(req, plan.status, part, headers)
+
+    def _send(self, req: FileRequest, status: int, part: ByteRange, headers: dict) -> Response:
+        from sidecar.metrics import transfer_started
+
+        fh = open(req.full_path, "rb")
+        try:
+            reservation = delivery.open_request(db.session, req.grant, req.entry, start=part.start,
+                                                length=part.length, method=req.method)
+            db.session.commit()  # concurrent requests must see this reservation
+        except BaseException:
+            fh.close()
+            db.session.rollback()
+            raise
+        transfer_started()
+        tracked = TrackedFile(fh, part.start, part.length,
+                              _finisher(current_app._get_current_object(), reservation, req, status, part.length))
+        wrapper = req.environ.get("wsgi.file_wrapper")
+        body = wrapper(tracked) if wrapper else tracked.chunks()
+        response = Response(body, status=status, headers=headers, direct_passthrough=True)
+        response.content_length = part.length
+        return response
+
+    def _multipart(self, req: FileRequest, plan: Plan, headers: dict) -> Response:
+        """nginx's multipart/byteranges layout (a Python loop, as in nginx; no downloader asks for it).
+        Each part is reserved and recorded like a single-range request, so no byte goes uncharged."""
+        from sidecar.metrics import transfer_started
+
+        entry = req.entry
+        boundary = f"{secrets.randbits(63):020d}"
+        heads = [(f"\r\n--{boundary}\r\nContent-Type: {entry.media_type}\r\nContent-Range: bytes "
+                  f"{r.start}-{r.end - 1}/{entry.size}\r\n\r\n").encode() for r in plan.ranges]
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        total = sum(len(h) for h in heads) + sum(r.length for r in plan.ranges) + len(tail)
+        out = {k: v for k, v in headers.items() if k != "Content-Type"}
+        out["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
+        out["Content-Length"] = str(total)
+        if req.method == "HEAD":
+            _log_only(req, 206, "head")
+            return Response(status=206, headers=out)
+        app = current_app._get_current_object()
+        parts = []
+        for r in plan.ranges:
+            reservation = delivery.open_request(db.session, req.grant, entry, start=r.start, length=r.length,
+                                                method=req.method)
+            parts.append((r, _finisher(app, reservation, req, 206, r.length)))
+        db.session.commit()
+        path = req.full_path
+
+        def body() -> Iterator[bytes]:
+            pending = list(parts)
+            with open(path, "rb") as fh:
+                try:
+                    for head, (r, finish) in zip(heads, parts):
+                        yield head
+                        transfer_started()
+                        tracked = TrackedFile(fh, r.start, r.length, lambda _sent: None)
+                        sent = 0
+                        try:
+                            while data := tracked.read(BLOCK):
+                                yield data
+                                sent += len(data)
+                        finally:
+                            pending.remove((r, finish))
+                            finish(sent)
+                    yield tail
+                finally:
+                    for _r, finish in pending:
+                        transfer_started()
+                        finish(0)
+
+        return Response(body(), status=206, headers=out, direct_passthrough=True)
+
+
+def symlink_token(grant: UserDownload) -> str:
+    """The grant's random link folder name, created once (concurrent requests agree on one)."""
+    if grant.symlink_token:
+        return grant.symlink_token
+    token = secrets.token_urlsafe(24)
+    db.session.execute(update(UserDownload).where(UserDownload.id == grant.id,
+                                                  UserDownload.symlink_token.is_(None))
+                       .values(symlink_token=token))
+    db.session.commit()
+    db.session.refresh(grant)
+    return grant.symlink_token
+
+
+class SymlinkDelivery:
+    """The mailing-list design: ``SYMLINK_DIR/<random>/<file>`` -> the product file, served by nginx.
+    The folder lives as long as the grant (maintenance removes it)."""
+
+    def deliver(self, req: FileRequest) -> Response:
+        cfg = current_app.config
+        token = symlink_token(req.grant)
+        link = Path(cfg["SYMLINK_DIR"]) / token / req.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not (link.is_symlink() and os.readlink(link) == str(req.full_path)):
+            temp = link.with_name(f".{link.name}.{secrets.token_hex(4)}")
+            os.symlink(req.full_path, temp)
+            os.replace(temp, link)  # atomic: a concurrent request never sees a half-made link
+        _log_only(req, 302, "handoff")
+        target = f"{cfg['SYMLINK_URL']}/{token}/{quote(req.name)}"
+        return Response(status=302, headers={"Location": target, "Cache-Control": "no-store"})
+
+
+class AccelDelivery:
+    """nginx serves the file from its ``internal`` location after the sidecar validated the link."""
+
+    def deliver(self, req: FileRequest) -> Response:
+        prefix = current_app.config["ACCEL_PREFIX"]
+        if not prefix.endswith("/"):
+            prefix += "/"
+        headers = file_headers(req)
+        headers["X-Accel-Redirect"] = f"{prefix}{quote(req.entry.sku)}/{quote(req.entry.path)}"
+        headers["X-Accel-Buffering"] = "no"
+        _log_only(req, 200, "handoff")
+        return Response(status=200, headers=headers)
+
+
+MODES: dict[str, DeliveryMode] = {"pipe": PipeDelivery(), "symlink": SymlinkDelivery(), "accel": AccelDelivery()}
+
+
+def delivery_mode(name: str | None = None) -> DeliveryMode:
+    return MODES[name or current_app.config["DELIVERY"]]

@@ -1,0 +1,101 @@
+"""The cash register: cart lines + card -> authorized payment -> order, grants, queued email.
+
+One checkout form submission is one order however often it arrives: the form's hidden
+``checkout_token`` is unique on the order and is also the gateway's idempotency key, so
+- a double submit finds the order the first submit made (or loses the insert race and then finds it);
+- a retry after the request died between "approved" and "stored" gets the same payment reference
+  from the gateway and makes the one order, never a second charge.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.accounts.models import User
+from app.downloads.errors import InvalidInput
+from app.downloads.grants import grant_downloads
+from app.downloads.models import OutboxMessage
+from app.mail import queue_order_email
+from app.store.cart import lines_total
+from app.store.models import Order
+from app.store.orders import Line, create_order
+from app.store.payments import Approved, Card, PaymentGateway
+
+TOKEN_BYTES = 24
+
+
+class PaymentDeclined(InvalidInput):
+    """The gateway said no: the shopper sees the reason; nothing was written."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"Your payment was declined: {reason}.", status=402)
+        self.reason = reason
+
+
+@dataclass
+class CheckoutResult:
+    order: Order
+    created: bool  # False: this submission had already made its order
+    email: OutboxMessage | None = None
+
+
+def new_checkout_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def check_token(token: str | None) -> str:
+    token = (token or "").strip()
+    if not 20 <= len(token) <= 64 or not token.replace("-", "").replace("_", "").isalnum():
+        raise InvalidInput("this checkout form is not valid any more: please open the checkout page again",
+                           status=400)
+    return token
+
+
+def order_for_token(session: Session, token: str) -> Order | None:
+    return session.scalar(select(Order).where(Order.checkout_token == token))
+
+
+def checkout(session: Session, gateway: PaymentGateway, *, lines: list[Line], email: str, card: Card | None,
+             checkout_token: str, user: User | None = None, client_ip: str | None = None) -> CheckoutResult:
+    """Authorize and record a sale. The caller commits, then sends ``result.email`` (app.mail.deliver);
+    on IntegrityError at commit it calls ``after_race`` to find the winner's order."""
+    token = check_token(checkout_token)
+    existing = order_for_token(session, token)
+    if existing is not None:
+        return CheckoutResult(existing, created=False)
+    if not lines:
+        raise InvalidInput("your cart is empty: add a product first")
+    currencies = {line.product.currency for line in lines}
+    if len(currencies) > 1:
+        raise InvalidInput("products priced in different currencies must be bought in separate orders")
+    total = lines_total(lines)
+    reference = brand = last4 = None
+    if total > 0:
+        if card is None:
+            raise InvalidInput("please enter a card to pay with")
+        answer = gateway.authorize(total, currencies.pop(), card, idempotency_key=token)
+        if not isinstance(answer, Approved):
+            raise PaymentDeclined(answer.reason)
+        reference, brand, last4 = answer.reference, card.brand, card.last4
+        # Approved before, but the request died before the order was stored: this is that order.
+        earlier = session.scalar(select(Order).where(Order.payment_reference == reference))
+        if earlier is not None:
+            return CheckoutResult(earlier, created=False)
+    order = create_order(session, email=email, lines=lines, user=user, client_ip=client_ip,
+                         payment_reference=reference, card_brand=brand, card_last4=last4,
+                         checkout_token=token)
+    grant_downloads(session, order, client_ip=client_ip)
+    return CheckoutResult(order, created=True, email=queue_order_email(session, order))
+
+
+def after_race(session: Session, exc: IntegrityError, checkout_token: str) -> CheckoutResult:
+    """A concurrent submission of the same form committed first: show its order."""
+    session.rollback()
+    existing = order_for_token(session, checkout_token)
+    if existing is None:
+        raise exc
+    return CheckoutResult(existing, created=False)

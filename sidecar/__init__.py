@@ -1,0 +1,53 @@
+"""The download sidecar: a small WSGI app for the download host. It shares settings, extensions,
+the delivery domain (``app.downloads``) and the error mapping with the store, and none of its views.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app.config import load_settings
+from app.extensions import csrf, db, limiter
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "app" / "static"
+
+
+def create_sidecar(config: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Flask:
+    settings = load_settings(env)
+    app = Flask(__name__, instance_path=settings["INSTANCE_DIR"], static_folder=str(STATIC_DIR))
+    app.config.update(settings)
+    if config:
+        app.config.update(config)
+    register_extensions(app)
+    register_blueprints(app)
+    register_errorhandlers(app)
+    if app.config.get("PROXY_COUNT"):
+        # Behind nginx: the shopper's address (for binding and the guess limit) is in X-Forwarded-For.
+        count = app.config["PROXY_COUNT"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=0)
+    return app
+
+
+def register_extensions(app: Flask) -> None:
+    from app import models  # noqa: F401  every table, so relationships resolve
+    from sidecar import metrics
+
+    db.init_app(app)
+    csrf.init_app(app)
+    limiter.init_app(app)
+    metrics.init(Path(app.config["INSTANCE_DIR"]) / "sidecar-metrics")
+
+
+def register_blueprints(app: Flask) -> None:
+    from sidecar.routes import bp
+
+    app.register_blueprint(bp)
+
+
+def register_errorhandlers(app: Flask) -> None:
+    from app.errors import register
+
+    register(app)

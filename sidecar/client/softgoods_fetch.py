@@ -1,0 +1,515 @@
+#!/usr/bin/env python3
+"""softgoods-fetch: download every file of a Softgoods link, verify it, and prove it to the shop.
+
+    python3 softgoods_fetch.py LINK [-d DIR]
+
+LINK is the download link from your email (or a pasted piece of the email that contains it). The
+client reads the link's file list, downloads each file into ``<name>.part`` with resume, checks every
+piece against the shop's Metalink as it arrives, fetches again only pieces that fail, checks the
+whole file's SHA-256, renames it into place and tells the shop it arrived intact. It exits 0 only
+when every file is verified. Interrupted? Run the same command again: it continues where it stopped.
+
+Needs nothing but Python 3.9+ and its standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import sys
+import time
+import xml.etree.ElementTree as ET
+from base64 import b64decode
+from urllib.parse import quote, urlsplit
+
+VERSION = "1.0"
+USER_AGENT = "softgoods-fetch/" + VERSION
+BLOCK = 1 << 20               # socket reads of 1 MiB: few system calls, hashlib runs at full speed
+MAX_PIECE_FAILURES = 3        # a piece that fails this often is not bad luck: stop and say so
+MAX_VERSION_RESTARTS = 3      # the shop replacing a file more often than this during one run: give up
+MAX_FAILURES_WITHOUT_PROGRESS = 8
+STATE_SAVE_INTERVAL = 0.5
+META_NS = "{urn:ietf:params:xml:ns:metalink}"
+
+
+class FetchError(Exception):
+    """A reason to stop, in words for the shopper."""
+
+
+class FileChanged(Exception):
+    """The shop's file is not the version we were downloading: start that file over, never mix."""
+
+
+class Transient(Exception):
+    """Worth retrying after a pause (connection lost, server restarting, 5xx)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# -- HTTP --------------------------------------------------------------------------------------------
+
+class Http:
+    """One keep-alive connection per host, reopened after any error."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.conns: dict = {}
+
+    def request(self, method: str, url: str, headers: dict | None = None, body: bytes | None = None):
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        conn = self.conns.get(key)
+        if conn is None:
+            cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            conn = self.conns[key] = cls(parts.netloc, timeout=self.timeout)
+        path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        all_headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+        all_headers.update(headers or {})
+        try:
+            conn.request(method, path, body=body, headers=all_headers)
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.drop(url)
+            raise Transient(f"connection to {parts.netloc} failed: {exc or exc.__class__.__name__}") from None
+        if response.status >= 500 or response.status == 429:
+            retry = response.getheader("Retry-After")
+            message = _error_text(response)
+            self.drop(url)
+            raise Transient(f"server answered {response.status}: {message}",
+                            float(retry) if retry and retry.isdigit() else None)
+        return response
+
+    def drop(self, url: str) -> None:
+        parts = urlsplit(url)
+        conn = self.conns.pop((parts.scheme, parts.netloc), None)
+        if conn is not None:
+            conn.close()
+
+    def get_json(self, url: str) -> dict:
+        response = self.request("GET", url, {"Accept": "application/json"})
+        body = _read_all(response)
+        if response.status != 200:
+            raise FetchError(_json_error(body) or f"the server answered {response.status} for {url}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise FetchError(f"{url} did not answer with a Softgoods file list (is this a download link?)") from None
+
+
+def _read_all(response) -> bytes:
+    try:
+        return response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise Transient(f"connection lost while reading: {exc}") from None
+
+
+def _json_error(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+        return data.get("error") if isinstance(data, dict) else None
+    except ValueError:
+        return None
+
+
+def _error_text(response) -> str:
+    try:
+        body = response.read(4096)
+    except (OSError, http.client.HTTPException):
+        return response.reason
+    return _json_error(body) or response.reason
+
+
+def retrying(what: str, action, *args):
+    """Run ``action`` until it stops raising Transient, with bounded exponential backoff."""
+    failures = 0
+    while True:
+        try:
+            return action(*args)
+        except Transient as exc:
+            failures += 1
+            if failures >= MAX_FAILURES_WITHOUT_PROGRESS:
+                raise FetchError(f"{what}: giving up after {failures} attempts ({exc})") from None
+            pause = exc.retry_after if exc.retry_after is not None else min(8.0, 0.25 * 2 ** failures)
+            say(f"{what}: {exc}; retrying in {pause:.1f}s", verbose_only=True)
+            time.sleep(min(pause, 30.0) * random.uniform(0.8, 1.2))
+
+
+# -- the link ------------------------------------------------------------------------------------------
+
+def link_from(text: str, server: str | None) -> str:
+    """The listing URL from a link, a pasted piece of the email, or a bare receipt token (with --server)."""
+    text = text.strip()
+    match = re.search(r"https?://[^\s<>\"']+/d/[^\s<>\"'/]+/?", text)
+    if match:
+        url = match.group(0)
+        return url if url.endswith("/") else url + "/"
+    if re.fullmatch(r"[A-Za-z0-9_.\-]{20,600}", text):
+        if not server:
+            raise FetchError("that looks like a receipt without the shop's address: pass --server URL "
+                             "or paste the whole link")
+        return f"{server.rstrip('/')}/d/{text}/"
+    raise FetchError("no download link found: paste the link from your email (it contains /d/)")
+
+
+def safe_destination(root: str, path: str) -> str:
+    parts = path.split("/")
+    if not path or path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        raise FetchError(f"the server listed an unsafe file name {path!r}; refusing to write it")
+    return os.path.join(root, *parts)
+
+
+def fetch_pieces(http: Http, url: str, size: int) -> tuple[int, list[str]]:
+    response = http.request("GET", url, {"Accept": "application/metalink4+xml"})
+    body = _read_all(response)
+    if response.status != 200:
+        raise FetchError(_json_error(body) or f"the Metalink {url} answered {response.status}")
+    try:
+        pieces = ET.fromstring(body).find(f"{META_NS}file/{META_NS}pieces")
+        length = int(pieces.get("length"))
+        hashes = [h.text.strip().lower() for h in pieces.findall(f"{META_NS}hash")]
+    except (ET.ParseError, AttributeError, TypeError, ValueError):
+        raise FetchError(f"the Metalink {url} is not readable") from None
+    if length <= 0 or len(hashes) != max(1, -(-size // length)):
+        raise FetchError(f"the Metalink {url} does not describe a file of {size} bytes")
+    return length, hashes
+
+
+# -- one file ------------------------------------------------------------------------------------------
+
+class Progress:
+    """A progress bar with speed and time left, drawn only on a terminal."""
+
+    def __init__(self, name: str, total: int, done: int, enabled: bool):
+        self.name, self.total, self.enabled = name, total, enabled
+        self.started, self.start_done, self.last = time.monotonic(), done, 0.0
+
+    def update(self, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.2 and not force):
+            return
+        self.last = now
+        rate = (done - self.start_done) / max(now - self.started, 1e-6)
+        eta = (self.total - done) / rate if rate > 0 else 0
+        frac = done / self.total if self.total else 1.0
+        bar = "#" * int(frac * 24)
+        sys.stderr.write(f"\r{self.name[-28:]:<28} [{bar:<24}] {frac:6.1%} {human(rate)}/s "
+                         f"ETA {int(eta) // 60}:{int(eta) % 60:02d} ")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.update(self.total, force=True)
+            sys.stderr.write("\n")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class FileJob:
+    """Download one listed file into ``<dest>.part`` (+ ``.part.json`` state) and verify it."""
+
+    def __init__(self, http: Http, info: dict, dest: str, show_progress: bool):
+        self.http, self.info, self.dest = http, info, dest
+        self.part, self.state_path = dest + ".part", dest + ".part.json"
+        self.size, self.sha256 = int(info["size"]), info["sha256"].lower()
+        self.show_progress = show_progress
+        self.refetched_bytes = 0  # bytes fetched again because a piece failed (for the benchmark)
+
+    def run(self) -> None:
+        self.piece_size, self.pieces = retrying(self.info["path"], fetch_pieces, self.http,
+                                                self.info["metalink_url"], self.size)
+        self.load_state()
+        os.makedirs(os.path.dirname(self.part) or ".", exist_ok=True)
+        with open(self.part, "r+b" if os.path.exists(self.part) else "w+b") as self.fh:
+            if os.fstat(self.fh.fileno()).st_size != self.size:
+                self.fh.truncate(self.size)
+            self.progress = Progress(self.info["path"], self.size, self.done_bytes(), self.show_progress)
+            self.whole = hashlib.sha256() if not any(self.good) else None
+            self.whole_at = 0
+            while not all(self.good):
+                first = self.good.index(False)
+                last = first
+                while last + 1 < len(self.good) and not self.good[last + 1]:
+                    last += 1
+                start, end = first * self.piece_size, min(self.size, (last + 1) * self.piece_size)
+                self.fetch_range(start, end)
+            self.save_state(force=True)
+            self.progress.finish()
+            digest = self.whole.hexdigest() if self.whole is not None and self.whole_at == self.size else None
+            if digest is None:
+                digest = hash_file(self.fh)
+        if digest != self.sha256:
+            self.reset()
+            raise FileChanged("the whole-file SHA-256 does not match although every piece did")
+        os.replace(self.part, self.dest)
+        os.unlink(self.state_path)
+
+    # state ------------------------------------------------------------------------------------------
+    def load_state(self) -> None:
+        self.etag, self.good, self.failures = None, [False] * len(self.pieces), {}
+        try:
+            with open(self.state_path) as fh:
+                state = json.load(fh)
+        except (OSError, ValueError):
+            state = None
+        if (state and state.get("sha256") == self.sha256 and state.get("size") == self.size
+                and state.get("piece_size") == self.piece_size and os.path.exists(self.part)):
+            self.etag = state.get("etag")
+            self.good = [c == "1" for c in state.get("good", "")][:len(self.pieces)]
+            self.good += [False] * (len(self.pieces) - len(self.good))
+        else:
+            self.reset()
+        self.saved_at = 0.0
+
+    def save_state(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.saved_at < STATE_SAVE_INTERVAL:
+            return
+        self.saved_at = now
+        self.fh.flush()
+        state = {"url": self.info["url"], "sha256": self.sha256, "size": self.size, "etag": self.etag,
+                 "piece_size": self.piece_size, "good": "".join("1" if g else "0" for g in self.good)}
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, self.state_path)
+
+    def reset(self) -> None:
+        for path in (self.part, self.state_path):
+            if os.path.exists(path):
+                os.unlink(path)
+        self.etag, self.good, self.failures = None, [False] * len(self.pieces), {}
+
+    def done_bytes(self) -> int:
+        return sum(min(self.piece_size, self.size - i * self.piece_size) for i, g in enumerate(self.good) if g)
+
+    # transfer ---------------------------------------------------------------------------------------
+    def fetch_range(self, start: int, end: int) -> None:
+        """Fetch [start, end) and verify each piece as it completes; on a dropped connection continue
+        from the exact byte reached (the partial piece's hash is kept), with bounded backoff."""
+        self.cursor, self.piece_hash, failures = start, hashlib.sha256(), 0
+        while self.cursor < end:
+            headers = {}
+            if self.cursor > 0 or end < self.size:
+                headers["Range"] = f"bytes={self.cursor}-{end - 1 if end < self.size else ''}"
+                if self.etag:
+                    headers["If-Range"] = self.etag
+            elif self.etag:
+                headers["If-Match"] = self.etag
+            before = self.cursor
+            try:
+                self.stream(headers, end)
+            except Transient as exc:
+                failures = 0 if self.cursor > before else failures + 1
+                if failures >= MAX_FAILURES_WITHOUT_PROGRESS:
+                    raise FetchError(f"{self.info['path']}: giving up after {failures} failed attempts ({exc})")
+                pause = exc.retry_after if exc.retry_after is not None else min(8.0, 0.25 * 2 ** failures)
+                say(f"{self.info['path']}: {exc}; continuing from byte {self.cursor} in {pause:.1f}s",
+                    verbose_only=True)
+                time.sleep(min(pause, 30.0) * random.uniform(0.8, 1.2))
+
+    def stream(self, headers: dict, end: int) -> None:
+        response = self.http.request("GET", self.info["url"], headers)
+        try:
+            self.check_response(response, headers, self.cursor)
+            self.fh.seek(self.cursor)
+            buf = bytearray(BLOCK)
+            view = memoryview(buf)
+            while self.cursor < end:
+                want = min(BLOCK, end - self.cursor)
+                try:
+                    n = response.readinto(view[:want])
+                except (OSError, http.client.HTTPException) as exc:
+                    raise Transient(f"connection lost at byte {self.cursor}: "
+                                    f"{exc or exc.__class__.__name__}") from None
+                if not n:
+                    raise Transient(f"connection closed at byte {self.cursor}")
+                self.consume(view[:n])
+            if response.length:
+                self.http.drop(self.info["url"])  # we stopped reading early: this connection is spent
+        except BaseException:
+            self.http.drop(self.info["url"])
+            raise
+        finally:
+            response.close()
+
+    def check_response(self, response, headers: dict, offset: int) -> None:
+        etag = response.getheader("ETag")
+        if response.status in (412, 416):
+            self.reset()
+            raise FileChanged(f"the server answered {response.status}")
+        if response.status == 200 and "Range" in headers:
+            self.reset()  # If-Range did not match: a new version is on its way, never mix it with ours
+            raise FileChanged("the server sent the whole file instead of the missing part")
+        if response.status not in (200, 206):
+            raise FetchError(_error_text(response) + f" ({self.info['path']}: {response.status})")
+        digest = response.getheader("Repr-Digest") or ""
+        match = re.search(r"sha-256=:([A-Za-z0-9+/=]+):", digest)
+        if match and b64decode(match.group(1)).hex() != self.sha256:
+            self.reset()
+            raise FileChanged("the server is serving another version of the file than it listed")
+        if self.etag and etag and etag != self.etag:
+            self.reset()
+            raise FileChanged("the file's ETag changed")
+        self.etag = self.etag or etag
+
+    def consume(self, chunk: memoryview) -> None:
+        """Write a chunk, feed the piece (and whole-file) hashes, check each piece as it completes."""
+        offset = self.cursor
+        self.fh.write(chunk)
+        if self.whole is not None:
+            if offset == self.whole_at:
+                self.whole.update(chunk)
+                self.whole_at += len(chunk)
+            else:
+                self.whole = None
+        while chunk:
+            index = offset // self.piece_size
+            piece_end = min(self.size, (index + 1) * self.piece_size)
+            take = min(len(chunk), piece_end - offset)
+            self.piece_hash.update(chunk[:take])
+            offset += take
+            self.cursor = offset
+            chunk = chunk[take:]
+            if offset == piece_end:
+                self.piece_hash, digest = hashlib.sha256(), self.piece_hash.hexdigest()
+                self.finish_piece(index, digest)
+        if self.progress.enabled:
+            self.progress.update(self.whole_at if self.whole is not None else self.done_bytes())
+
+    def finish_piece(self, index: int, digest: str) -> None:
+        if digest == self.pieces[index]:
+            self.good[index] = True
+            self.save_state()
+            return
+        self.whole = None  # the bad bytes went into the running whole-file hash
+        self.failures[index] = self.failures.get(index, 0) + 1
+        self.refetched_bytes += min(self.piece_size, self.size - index * self.piece_size)
+        say(f"{self.info['path']}: piece {index + 1} of {len(self.pieces)} arrived damaged; fetching it again",
+            verbose_only=True)
+        if self.failures[index] >= MAX_PIECE_FAILURES:
+            raise FetchError(f"{self.info['path']}: piece {index + 1} arrived damaged {self.failures[index]} times. "
+                             "Something between you and the shop (a proxy, antivirus or a bad connection) is "
+                             "changing the data; try another network, or contact the shop.")
+
+
+def hash_file(fh) -> str:
+    fh.seek(0)
+    digest = hashlib.sha256()
+    buf = bytearray(BLOCK)
+    view = memoryview(buf)
+    while True:
+        n = fh.readinto(buf)
+        if not n:
+            return digest.hexdigest()
+        digest.update(view[:n])
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hash_file(fh)
+
+
+# -- the whole link ---------------------------------------------------------------------------------
+
+QUIET = False
+VERBOSE = False
+
+
+def say(message: str, verbose_only: bool = False, err: bool = True) -> None:
+    if QUIET or (verbose_only and not VERBOSE):
+        return
+    print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def confirm(http: Http, confirm_url: str, path: str, sha256: str) -> None:
+    body = json.dumps({"path": path, "sha256": sha256}).encode()
+    response = http.request("POST", confirm_url, {"Content-Type": "application/json",
+                                                  "Accept": "application/json"}, body)
+    data = _read_all(response)
+    if response.status == 200:
+        return
+    if response.status == 409:
+        raise FileChanged("the shop says the file's SHA-256 does not match")
+    raise FetchError(f"{path}: the shop did not accept the confirmation: {_json_error(data) or response.status}")
+
+
+def fetch_one(http: Http, link: str, info: dict, directory: str, show_progress: bool) -> None:
+    dest = safe_destination(directory, info["path"])
+    for restart in range(MAX_VERSION_RESTARTS + 1):
+        try:
+            if not (os.path.isfile(dest) and os.path.getsize(dest) == int(info["size"])
+                    and file_sha256(dest) == info["sha256"].lower()):
+                FileJob(http, info, dest, show_progress).run()
+            retrying(info["path"], confirm, http, listing_confirm_url(http, link), info["path"], info["sha256"])
+            return
+        except FileChanged as changed:
+            if restart == MAX_VERSION_RESTARTS:
+                raise FetchError(f"{info['path']}: {changed}, {restart + 1} times. The shop may be replacing "
+                                 "the file right now; try again later.") from None
+            say(f"{info['path']}: {changed}; starting this file over", verbose_only=True)
+            time.sleep(0.5 * (restart + 1))
+            fresh = {f["path"]: f for f in retrying("file list", http.get_json, link)["files"]}
+            if info["path"] not in fresh:
+                raise FetchError(f"{info['path']} is no longer offered by this link") from None
+            info = fresh[info["path"]]
+            if os.path.isfile(dest) and file_sha256(dest) != info["sha256"].lower():
+                os.unlink(dest)
+
+
+_confirm_urls: dict = {}
+
+
+def listing_confirm_url(http: Http, link: str) -> str:
+    if link not in _confirm_urls:
+        _confirm_urls[link] = retrying("file list", http.get_json, link)["confirm_url"]
+    return _confirm_urls[link]
+
+
+def main(argv: list | None = None) -> int:
+    global QUIET, VERBOSE
+    parser = argparse.ArgumentParser(prog="softgoods-fetch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("link", help="the download link (or the text of the email that contains it)")
+    parser.add_argument("-d", "--dir", default=".", help="where to save the files (default: here)")
+    parser.add_argument("--server", help="the shop's download address, when LINK is a bare receipt")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds without data before retrying")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="explain every retry")
+    args = parser.parse_args(argv)
+    QUIET, VERBOSE = args.quiet, args.verbose
+    http = Http(args.timeout)
+    try:
+        link = link_from(args.link, args.server)
+        listing = retrying("file list", http.get_json, link)
+        _confirm_urls[link] = listing["confirm_url"]
+        files = listing.get("files") or []
+        if not files:
+            raise FetchError("this link lists no files yet (a choice of products? pick them on the link's page)")
+        os.makedirs(args.dir, exist_ok=True)
+        show_progress = sys.stderr.isatty() and not QUIET
+        for info in files:
+            fetch_one(http, link, info, args.dir, show_progress)
+            say(f"verified  {info['path']}  ({int(info['size'])} bytes, sha256 {info['sha256'][:16]}...)", err=False)
+    except FetchError as exc:
+        print(f"softgoods-fetch: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nsoftgoods-fetch: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    say(f"all {len(files)} file(s) verified and confirmed to the shop", err=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""gunicorn settings for the sidecar (DESIGN.md measurements).
+
+gthread: sendfile works (gevent's socket falls back to send(), 0.3-0.44x nginx), and a slow download
+holds one cheap thread, not a process, so hundreds of them leave listings answered in milliseconds.
+Override with SOFTGOODS_SIDECAR_WORKERS / SOFTGOODS_SIDECAR_THREADS (read here: this file is gunicorn's
+config, not the app's).
+"""
+import os
+
+worker_class = "gthread"
+workers = int(os.environ.get("SOFTGOODS_SIDECAR_WORKERS") or 2)
+threads = int(os.environ.get("SOFTGOODS_SIDECAR_THREADS") or 600)
+worker_connections = workers * threads + 100
+# sendfile: leave UNSET. gunicorn's Config.sendfile is False whenever the setting is not None, so
+# "sendfile = True" here would switch it off (measured: 3,000 read()+sendto() per 24 MiB instead of
+# one sendfile). Unset, it is on unless the SENDFILE environment variable says otherwise.
+keepalive = 5
+timeout = 60  # the worker heartbeat; long transfers run in threads and do not block it
+graceful_timeout = 10
+backlog = 2048
+accesslog = None
+errorlog = "-"

@@ -1,0 +1,253 @@
+"""The sidecar's HTTP interface (DESIGN.md "Sidecar HTTP"): listing, files, Metalinks, confirm,
+class-entitlement picks, the verifying client, health and metrics."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flask import (Blueprint, Response, current_app, g, jsonify, redirect, render_template, request,
+                   send_file, url_for)
+from sqlalchemy import select, text
+from werkzeug.routing import PathConverter
+
+from app.downloads import delivery
+from app.downloads.access import (
+    OpenedGrant, choices_left, choose_entitlement, class_offer, files_for_grant, find_file, is_class_entitlement,
+    open_grant, public_path, real_path, within_grace,
+)
+from app.downloads.errors import DeliveryRefused, FileNotFound, InvalidInput, LinkExpired, LinkNotFound
+from app.downloads.metalink import MEDIA_TYPE, metalink_for
+from app.downloads.models import Delivery, UserDownload
+from app.downloads.receipts import read_receipt
+from app.downloads.serving import FileRequest, delivery_mode
+from app.errors import wants_json
+from app.extensions import client_address, csrf, db, limiter
+from sidecar import metrics
+
+log = logging.getLogger("softgoods.sidecar")
+CLIENT_FILE = Path(__file__).resolve().parent / "client" / "softgoods_fetch.py"
+
+
+class AnyPathConverter(PathConverter):
+    """Like ``path`` but also matches a leading slash, so hostile paths reach our own (logged) 404."""
+
+    regex = ".*"
+    part_isolating = False  # werkzeug would otherwise infer "one segment only" from a regex without "/"
+
+
+bp = Blueprint("sidecar", __name__, template_folder="templates")
+
+
+@bp.record_once
+def _converters(state) -> None:
+    state.app.url_map.converters["anypath"] = AnyPathConverter
+
+
+def _bad_link_seen(response: Response) -> bool:
+    return bool(g.get("bad_link"))
+
+
+def link_guess_limit() -> str:
+    return current_app.config.get("LINK_GUESS_LIMIT", "20 per minute")
+
+
+# Only failed links count (deduct_when): shoppers with good links are never slowed down.
+guarded = limiter.shared_limit(link_guess_limit, scope="bad-links", deduct_when=_bad_link_seen)
+
+
+def _open(receipt: str, *, listing: bool = True) -> OpenedGrant:
+    try:
+        return open_grant(db.session, current_app.config["SECRET_KEY"], receipt, client_address(),
+                          listing=listing)
+    except LinkNotFound:
+        g.bad_link = True
+        raise
+
+
+def _file_request(receipt: str, name: str) -> FileRequest:
+    """Validate the link and resolve the file; every refusal is written to the download log."""
+    grant = None
+    try:
+        try:
+            opened = _open(receipt, listing=False)
+        except LinkExpired:
+            opened = _expired_but_finishing(receipt, name)
+        grant = opened.grant
+        entry = find_file(db.session, grant, name)
+        full = real_path(current_app.config["DOWNLOAD_DIR"], entry)
+    except LinkNotFound:
+        # Forged or unknown: no database work at all (DESIGN.md); the guess limit and this line remain.
+        log.warning("refused link for %r from %s", name, client_address())
+        raise
+    except DeliveryRefused as refusal:
+        db.session.rollback()
+        if isinstance(refusal, FileNotFound):
+            log.warning("refused path %r from %s", name, client_address())
+        delivery.log_request(db.session, grant, name[:1024], status=refusal.status, outcome="refused",
+                             client_ip=client_address(), user_agent=request.user_agent.string,
+                             range_header=request.headers.get("Range"), method=request.method)
+        db.session.commit()
+        raise
+    return FileRequest(grant=grant, entry=entry, name=name, full_path=full,
+                       metalink_url=url_for("sidecar.metalink", receipt=receipt, name=name, _external=True),
+                       method=request.method, headers=request.headers, environ=request.environ,
+                       client_ip=client_address(), user_agent=request.user_agent.string or None)
+
+
+def _expired_but_finishing(receipt: str, name: str) -> OpenedGrant:
+    """Within the grace period, a delivery that started before expiry may be resumed and finished."""
+    rec = read_receipt(current_app.config["SECRET_KEY"], receipt)
+    grant = db.session.get(UserDownload, rec.grant_id)
+    try:
+        entry = find_file(db.session, grant, name)
+    except FileNotFound:
+        entry = None
+    if entry is None or not within_grace(db.session, grant, entry, current_app.config["EXPIRY_GRACE_SECONDS"]):
+        raise LinkExpired(grant.expires_at)
+    return OpenedGrant(grant, rec)
+
+
+@bp.route("/d/<receipt>/", methods=["GET", "HEAD"])
+@guarded
+def listing(receipt: str):
+    opened = _open(receipt)
+    grant = opened.grant
+    entries = files_for_grant(db.session, grant)
+    evidence = _evidence_by_file(grant.id)
+    files = [{
+        "path": public_path(grant, e),
+        "size": e.size,
+        "sha256": e.sha256,
+        "media_type": e.media_type,
+        "url": url_for("sidecar.file", receipt=receipt, name=public_path(grant, e), _external=True),
+        "metalink_url": url_for("sidecar.metalink", receipt=receipt, name=public_path(grant, e), _external=True),
+        "downloads_left": grant.downloads_left,
+        "evidence": evidence.get((e.sku, e.path)),
+    } for e in entries]
+    order = grant.order
+    data = {
+        "order": order.po_number,
+        "expires_at": grant.expires_at.isoformat(),
+        "confirm_url": url_for("sidecar.confirm", receipt=receipt, _external=True),
+        "files": files,
+        "order_status": order.status,
+    }
+    offer = []
+    if is_class_entitlement(grant):
+        chosen = {c.product_id for c in grant.choices}
+        offer = [p for p in class_offer(db.session, grant) if p.id not in chosen]
+        data["choices_left"] = choices_left(grant)
+        data["choose_url"] = url_for("sidecar.choose", receipt=receipt, _external=True)
+        data["offer"] = [{"sku": p.sku, "name": p.name} for p in offer] if data["choices_left"] else []
+    if wants_json():
+        return jsonify(data)
+    return render_template("sidecar/listing.html", data=data, grant=grant, offer=offer,
+                           product=grant.product, client_url=url_for("sidecar.client", _external=True))
+
+
+def _evidence_by_file(grant_id: int) -> dict[tuple[str, str], str]:
+    rank = {None: 0, "transferred": 1, "verified": 2}
+    best: dict[tuple[str, str], str] = {}
+    for sku, path, evidence in db.session.execute(
+            select(Delivery.sku, Delivery.path, Delivery.evidence).where(Delivery.grant_id == grant_id)):
+        if rank.get(evidence, 0) > rank.get(best.get((sku, path)), 0):
+            best[(sku, path)] = evidence
+    return best
+
+
+@bp.route("/d/<receipt>/f/<anypath:name>", methods=["GET", "HEAD"])
+@guarded
+def file(receipt: str, name: str):
+    return delivery_mode().deliver(_file_request(receipt, name))
+
+
+@bp.route("/d/<receipt>/m/<anypath:name>.meta4", methods=["GET", "HEAD"])
+@guarded
+def metalink(receipt: str, name: str):
+    opened = _open(receipt, listing=False)
+    entry = find_file(db.session, opened.grant, name)
+    url = url_for("sidecar.file", receipt=receipt, name=name, _external=True)
+    body = metalink_for(entry, name, url)
+    return Response(body, mimetype=MEDIA_TYPE,
+                    headers={"Content-Disposition": f'attachment; filename="{Path(name).name}.meta4"'})
+
+
+@bp.route("/d/<receipt>/confirm", methods=["POST"])
+@csrf.exempt  # a JSON API called by the verifying client; the secret receipt in the URL is the credential
+@guarded
+def confirm(receipt: str):
+    opened = _open(receipt, listing=False)
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict) or not isinstance(payload.get("path"), str) \
+            or not isinstance(payload.get("sha256"), str):
+        raise InvalidInput('Send JSON like {"path": "ch1/intro.pdf", "sha256": "<64 hex digits>"}.', status=400)
+    entry = find_file(db.session, opened.grant, payload["path"])
+    status = delivery.confirm(db.session, opened.grant, entry, payload["sha256"].strip())
+    db.session.commit()
+    return jsonify(status=status)
+
+
+@bp.route("/d/<receipt>/choose", methods=["POST"])
+@csrf.exempt  # checked below for forms; JSON cannot be posted cross-site without a CORS preflight
+@guarded
+def choose(receipt: str):
+    if not request.is_json and current_app.config.get("WTF_CSRF_ENABLED", True):
+        csrf.protect()
+    opened = _open(receipt)
+    payload = request.get_json(silent=True) if request.is_json else request.form
+    sku = payload.get("sku") if isinstance(payload, dict) or hasattr(payload, "get") else None
+    if not isinstance(sku, str) or not sku:
+        raise InvalidInput("Choose a product (send its SKU).", status=400)
+    choose_entitlement(db.session, opened.grant, sku)
+    db.session.commit()
+    if request.is_json:
+        return jsonify(status="chosen", sku=sku, choices_left=choices_left(opened.grant))
+    return redirect(url_for("sidecar.listing", receipt=receipt), code=303)
+
+
+@bp.route("/client")
+def client():
+    if not CLIENT_FILE.is_file():
+        return _unavailable("The verifying downloader is not installed on this download host yet.")
+    return send_file(CLIENT_FILE, mimetype="text/x-python", as_attachment=True,
+                     download_name="softgoods_fetch.py", max_age=300)
+
+
+def _unavailable(reason: str, retry_after: int = 60):
+    from app.errors import error_response
+
+    return error_response(503, reason, "Please try again later.", {"Retry-After": str(retry_after)})
+
+
+@bp.route("/healthz")
+def healthz():
+    problems = []
+    try:
+        db.session.execute(text("SELECT 1"))
+    except Exception as exc:  # any driver error means "not reachable" to an operator
+        db.session.rollback()
+        problems.append(f"database unreachable: {exc.__class__.__name__}")
+    download_dir = current_app.config["DOWNLOAD_DIR"]
+    if not os.path.isdir(download_dir) or not os.access(download_dir, os.R_OK | os.X_OK):
+        problems.append(f"download dir {download_dir} is not readable")
+    if problems:
+        resp = jsonify(status="unavailable", reason="; ".join(problems))
+        resp.status_code = 503
+        resp.headers["Retry-After"] = "30"
+        return resp
+    return jsonify(status="ok", delivery=current_app.config["DELIVERY"])
+
+
+@bp.route("/metrics")
+def prometheus():
+    return Response(metrics.render(db.session), mimetype="text/plain; version=0.0.4")
+
+
+@bp.app_template_filter("filesize")
+def filesize(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)

@@ -1,0 +1,112 @@
+"""The package manager and editor pages."""
+from __future__ import annotations
+
+import zipfile
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from app.downloads.models import AuditEntry, Package
+from app.extensions import db
+from app.timeutil import utcnow
+from tests.admin.conftest import log_in, make_user
+from tests.helpers import make_product
+
+
+@pytest.fixture
+def kit(app):
+    make_product(app, "KIT", {"a.bin": 100_000, "b/c.txt": b"words " * 300, "d.mp4": 20_000})
+    return Path(app.config["DOWNLOAD_DIR"])
+
+
+def test_new_assign_several_remove_and_delete(app, client, owner, kit):
+    response = client.post("/admin/packages/new", data={"name": "P1", "lifetime_days": "30"})
+    assert response.headers["Location"].endswith("/admin/packages/P1")
+    page = client.get("/admin/packages/P1").text
+    assert "no ZIP" in page and 'value="KIT/a.bin"' in page
+    zip_file = kit / ".packages" / "P1.zip"
+    assert not zip_file.exists()
+
+    page = client.post("/admin/packages/P1/add", data={"files": ["KIT/a.bin", "KIT/d.mp4"]},
+                       follow_redirects=True).text
+    assert "Added 2 file(s); the ZIP was rebuilt." in page
+    assert zipfile.ZipFile(zip_file).namelist() == ["KIT/a.bin", "KIT/d.mp4"]
+    listing = client.get("/admin/packages").text
+    assert ".packages/P1.zip" in listing and "on sale" in listing
+
+    page = client.post("/admin/packages/P1/remove", data={"files": ["KIT/a.bin"]},
+                       follow_redirects=True).text
+    assert "Removed 1 file(s); the ZIP was rebuilt." in page
+    assert zipfile.ZipFile(zip_file).namelist() == ["KIT/d.mp4"]
+
+    confirm = client.post("/admin/packages/P1/delete").text
+    assert "The original files stay" in confirm or "file(s) stay" in confirm
+    assert zip_file.exists()
+    client.post("/admin/packages/P1/delete", data={"confirm": "yes"})
+    assert not zip_file.exists() and (kit / "KIT" / "d.mp4").is_file()
+    with app.app_context():
+        audit = [(a.actor, a.action, a.target) for a in db.session.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+    assert audit == [("owner@example.com", "package.create", "package P1"),
+                     ("owner@example.com", "package.add", "package P1"),
+                     ("owner@example.com", "package.remove", "package P1"),
+                     ("owner@example.com", "package.delete", "package P1")]
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("form, message", [
+    ({"name": "../evil"}, "is not allowed"),
+    ({"name": "P1", "expires_on": "tomorrow"}, "expiry must be a date"),
+    ({"name": "P1", "lifetime_days": "-3"}, "lifetime must be a whole number"),
+    ({"name": "P1", "lifetime_days": "0"}, "lifetime must be between 1 and 3650"),
+    ({"name": "P1", "managers": ["ghost@example.com"]}, "no account for manager ghost@example.com"),
+])
+def test_new_package_refusals_are_shown_and_nothing_is_created(app, client, owner, form, message):
+    page = client.post("/admin/packages/new", data=form, follow_redirects=True).text
+    assert message in page
+    with app.app_context():
+        assert db.session.scalars(select(Package)).all() == []
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("files, message", [
+    (["../../etc/passwd"], "is not a registered file"),
+    (["KIT/nope.bin"], "KIT/nope.bin is not registered"),
+    ([], "name at least one file to add"),
+])
+def test_assigning_bad_files_is_refused(app, client, owner, kit, files, message):
+    client.post("/admin/packages/new", data={"name": "P1"})
+    page = client.post("/admin/packages/P1/add", data={"files": files}, follow_redirects=True).text
+    assert message in page
+    assert not (kit / ".packages" / "P1.zip").exists()
+
+
+def test_an_owner_who_is_not_a_manager_is_refused(app, client, kit):
+    make_user(app, "alice@example.com", "owner")
+    bob = make_user(app, "bob@example.com", "owner")
+    admin = make_user(app, "admin@example.com", "admin")
+    log_in(client, admin)
+    client.post("/admin/packages/new", data={"name": "ALICE", "managers": ["alice@example.com"]})
+    log_in(client, bob)
+    for method, path in [("get", "/admin/packages/ALICE"), ("post", "/admin/packages/ALICE/add"),
+                         ("post", "/admin/packages/ALICE/remove"), ("post", "/admin/packages/ALICE/delete"),
+                         ("post", "/admin/packages/ALICE/settings"), ("post", "/admin/packages/ALICE/rebuild")]:
+        assert getattr(client, method)(path, data={"files": ["KIT/a.bin"], "confirm": "yes"}).status_code == 403
+    assert "no access" in client.get("/admin/packages").text
+    log_in(client, admin)
+    assert client.get("/admin/packages/ALICE").status_code == 200
+
+
+def test_expired_packages_vanish_when_the_manager_opens(app, client, owner, kit):
+    client.post("/admin/packages/new", data={"name": "OLD"})
+    client.post("/admin/packages/OLD/add", data={"files": ["KIT/b/c.txt"]})
+    yesterday = (utcnow() - timedelta(days=1)).date().isoformat()
+    client.post("/admin/packages/OLD/settings", data={"expires_on": yesterday, "lifetime_days": ""})
+    assert (kit / ".packages" / "OLD.zip").exists()
+    page = client.get("/admin/packages").text
+    assert "Expired packages removed: OLD" in page
+    assert 'data-package="OLD"' not in page
+    assert not (kit / ".packages" / "OLD.zip").exists() and (kit / "KIT" / "b" / "c.txt").is_file()
+    with app.app_context():
+        assert db.session.scalar(select(AuditEntry.action).order_by(AuditEntry.id.desc())) == "package.purge"

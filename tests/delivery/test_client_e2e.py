@@ -1,0 +1,214 @@
+"""The verifying client against the real sidecar under gunicorn, through a proxy that breaks things.
+
+Files are a few MiB (1 MiB pieces), so every test is bounded to seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from app.downloads.index import index_files
+from app.downloads.models import Delivery, UserDownload
+from app.extensions import db
+from app.store.models import Order
+from tests.helpers import ROOT, grant_link, make_product, write_files
+
+CLIENT = ROOT / "sidecar" / "client" / "softgoods_fetch.py"
+MiB = 1 << 20
+PIECE = MiB
+SLACK = 64 * 1024  # listing, Metalink, headers
+
+
+def fetch(link: str, directory: Path, *extra: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CLIENT), link, "-d", str(directory), "-v", *extra],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_fetch(link: str, directory: Path) -> subprocess.Popen:
+    """The client in the background; its messages go to ``<directory>/../client.log``."""
+    with open(directory.parent / "client.log", "ab") as log:
+        return subprocess.Popen([sys.executable, str(CLIENT), link, "-d", str(directory), "-v"],
+                                stdout=subprocess.DEVNULL, stderr=log)
+
+
+def client_log(directory: Path) -> str:
+    return (directory.parent / "client.log").read_text()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def state(app, sku: str = "KIT") -> tuple[UserDownload, list[Delivery], Order]:
+    grant = db.session.scalars(select(UserDownload).where(UserDownload.sku == sku)
+                               .execution_options(populate_existing=True)).one()
+    deliveries = list(db.session.scalars(select(Delivery).where(Delivery.grant_id == grant.id)
+                                         .order_by(Delivery.id).execution_options(populate_existing=True)))
+    order = db.session.get(Order, grant.order_id, populate_existing=True)
+    return grant, deliveries, order
+
+
+def through_proxy(app, proxy) -> None:
+    app.config["SIDECAR_URL"] = proxy.url  # links minted from now on lead through the proxy
+
+
+def wait_for(condition, timeout: float = 30, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(0.02)
+
+
+def test_client_fetches_verifies_confirms_and_a_second_run_changes_nothing(app, sidecar, tmp_path):
+    sidecar()
+    make_product(app, "KIT", {"manual.pdf": 3 * MiB + 123, "extras/tool.bin": 700_000}, max_downloads=3)
+    link = grant_link(app, "KIT")
+    result = fetch(link, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "all 2 file(s) verified" in result.stdout
+    disk = Path(app.config["DOWNLOAD_DIR"]) / "KIT"
+    for rel in ("manual.pdf", "extras/tool.bin"):
+        assert sha(tmp_path / "out" / rel) == sha(disk / rel)
+    assert not list((tmp_path / "out").rglob("*.part*"))
+    with app.app_context():
+        grant, deliveries, order = state(app)
+        assert sorted(d.evidence for d in deliveries) == ["verified", "verified"]
+        assert (grant.downloads_used, grant.downloads_held) == (2, 0)
+        assert (order.status, order.evidence) == ("shipped", "verified")
+    again = fetch(link, tmp_path / "out")  # files present and intact: nothing fetched, nothing counted
+    assert again.returncode == 0, again.stderr
+    with app.app_context():
+        assert state(app)[0].downloads_used == 2
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("fault", ["cuts", "flips"])
+def test_faults_cost_at_most_one_piece_each(app, sidecar, fault_proxy, tmp_path, fault):
+    server = sidecar()
+    size = 6 * MiB + 4321
+    make_product(app, "KIT", {"big.iso": size})
+    rng = random.Random(6)
+    points = sorted(rng.randrange(200_000, size - 200_000) for _ in range(3))
+    proxy = fault_proxy(server.port, **{fault: points})
+    through_proxy(app, proxy)
+    result = fetch(grant_link(app, "KIT"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sha(tmp_path / "big.iso") == sha(Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "big.iso")
+    assert proxy.faults_done == 3
+    assert proxy.forwarded <= size + 3 * PIECE + SLACK, (proxy.forwarded, result.stderr)
+    with app.app_context():
+        grant, deliveries, _ = state(app)
+        assert grant.downloads_used == 1 and any(d.evidence == "verified" for d in deliveries)
+
+
+@pytest.mark.backends("sqlite")
+def test_flipped_bytes_every_time_stop_with_a_clear_message(app, sidecar, fault_proxy, tmp_path):
+    server = sidecar()
+    make_product(app, "KIT", {"big.iso": 2 * MiB})
+    # the same piece damaged on every pass
+    proxy = fault_proxy(server.port, flips=[300_000, 2 * MiB + 300_000, 2 * MiB + 2 * PIECE])
+    proxy.cuts_keep = lambda position, data: len(data)
+    through_proxy(app, proxy)
+    result = fetch(grant_link(app, "KIT"), tmp_path)
+    assert result.returncode == 1
+    assert "arrived damaged 3 times" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "big.iso").exists()
+
+
+@pytest.mark.backends("sqlite")
+def test_sidecar_killed_mid_transfer_then_restarted_client_resumes_one_download(app, sidecar, fault_proxy,
+                                                                               tmp_path):
+    first = sidecar()
+    size = 8 * MiB
+    make_product(app, "KIT", {"big.iso": size})
+    proxy = fault_proxy(first.port, rate=4 * MiB)
+    through_proxy(app, proxy)
+    client = start_fetch(grant_link(app, "KIT"), tmp_path / "out")
+    try:
+        wait_for(lambda: proxy.forwarded > 3 * MiB, message="a third of the file")
+        first.stop(signal.SIGKILL)
+        second = sidecar()
+        proxy.retarget(second.port)
+        assert client.wait(90) == 0, client_log(tmp_path / "out")
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert sha(tmp_path / "out" / "big.iso") == sha(Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "big.iso")
+    assert proxy.forwarded <= size + PIECE + SLACK
+    with app.app_context():
+        grant, deliveries, _ = state(app)
+        assert (grant.downloads_used, grant.downloads_held) == (1, 0)
+        assert [d.evidence for d in deliveries if d.counted] == ["verified"]
+
+
+@pytest.mark.backends("sqlite")
+def test_client_killed_and_started_again_resumes_from_its_state(app, sidecar, fault_proxy, tmp_path):
+    server = sidecar()
+    size = 8 * MiB
+    make_product(app, "KIT", {"big.iso": size})
+    proxy = fault_proxy(server.port, rate=4 * MiB)
+    through_proxy(app, proxy)
+    link = grant_link(app, "KIT")
+    client = start_fetch(link, tmp_path / "out")
+    wait_for(lambda: proxy.forwarded > 4 * MiB, message="half the file")
+    client.send_signal(signal.SIGKILL)
+    client.wait()
+    assert (tmp_path / "out" / "big.iso.part.json").exists()
+    proxy.rate = None
+    result = fetch(link, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert sha(tmp_path / "out" / "big.iso") == sha(Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "big.iso")
+    assert proxy.forwarded <= size + 2 * PIECE + SLACK  # the piece in progress, plus read-ahead
+    with app.app_context():
+        assert state(app)[0].downloads_used == 1
+
+
+@pytest.mark.backends("sqlite")
+def test_file_replaced_during_download_never_ends_as_a_mix(app, sidecar, fault_proxy, tmp_path):
+    server = sidecar()
+    size = 8 * MiB
+    make_product(app, "KIT", {"big.iso": size})
+    proxy = fault_proxy(server.port, rate=4 * MiB)
+    through_proxy(app, proxy)
+    client = start_fetch(grant_link(app, "KIT"), tmp_path / "out")
+    try:
+        wait_for(lambda: proxy.forwarded > 2 * MiB, message="a quarter of the file")
+        new = os.urandom(size + 1000)
+        staged = Path(app.config["DOWNLOAD_DIR"]) / "KIT" / ".big.iso.tmp"
+        staged.write_bytes(new)
+        os.replace(staged, staged.with_name("big.iso"))
+        with app.app_context():
+            index_files(db.session, app.config["DOWNLOAD_DIR"])
+            db.session.commit()
+        proxy.rate = None
+        assert client.wait(90) == 0, client_log(tmp_path / "out")
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert (tmp_path / "out" / "big.iso").read_bytes() == new
+    with app.app_context():
+        grant, deliveries, _ = state(app)
+        assert grant.downloads_used == 1
+        assert [d.evidence for d in deliveries if d.counted] == ["verified"]
+
+
+def test_bad_links_stop_with_one_line_and_no_traceback(app, sidecar, tmp_path):
+    server = sidecar()
+    for argument, message in [("hello", "no download link found"),
+                              (f"{server.url}/d/forged-receipt/", "not valid"),
+                              ("x" * 40, "--server")]:
+        result = fetch(argument, tmp_path)
+        assert result.returncode == 1 and message in result.stderr, (argument, result.stderr)
+        assert "Traceback" not in result.stderr

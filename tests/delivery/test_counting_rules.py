@@ -1,0 +1,263 @@
+"""The counting rules of DESIGN.md "Delivery semantics", played against the database (SQLite and PostgreSQL)."""
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from app.downloads import delivery as rules
+from app.downloads.errors import DigestMismatch, DownloadsExhausted, FileUnavailable, InvalidInput, LinkExpired
+from app.downloads.index import index_files
+from app.downloads.models import Delivery, DownloadLog
+from app.extensions import db
+from app.timeutil import utcnow
+from tests.delivery.rules_helpers import open_shop
+from tests.helpers import write_files
+
+KB = 1024
+
+
+def test_one_complete_get_counts_once_ships_the_order_and_logs_it(app):
+    shop = open_shop(app, {"book.pdf": 300 * KB})
+    with app.app_context():
+        shop.get("book.pdf", ip="198.51.100.7")
+        (d,) = shop.deliveries()
+        assert (d.evidence, d.counted, d.covered_bytes, d.completed_at is not None) == ("transferred", True,
+                                                                                        300 * KB, True)
+        assert (shop.used(), shop.held()) == (1, 0)
+        order = shop.order()
+        assert (order.status, order.evidence, order.shipped_at is not None) == ("shipped", "transferred", True)
+        log = db.session.scalars(select(DownloadLog)).one()
+        assert (log.path, log.bytes_sent, log.outcome, log.client_ip, log.delivery_id) == (
+            "book.pdf", 300 * KB, "complete", "198.51.100.7", d.id)
+
+
+def test_three_resumed_parts_are_one_download(app):
+    shop = open_shop(app, {"a.bin": 300 * KB})
+    with app.app_context():
+        shop.get("a.bin", 0, None, sent=100 * KB)        # broke off after 100 KiB
+        shop.get("a.bin", 100 * KB, None, sent=50 * KB)  # resumed, broke off again
+        assert (shop.used(), shop.held(), shop.order().status) == (0, 1, "pending")
+        shop.get("a.bin", 150 * KB)                       # resumed to the end
+        (d,) = shop.deliveries()
+        assert (d.evidence, d.counted, d.attempts) == ("transferred", True, 3)
+        assert (shop.used(), shop.held()) == (1, 0)
+
+
+def test_four_parallel_segments_are_one_delivery(app):
+    shop = open_shop(app, {"a.bin": 400 * KB})
+    with app.app_context():
+        segments = [shop.open("a.bin", i * 100 * KB, 100 * KB) for i in range(4)]  # all in flight at once
+        assert len({r.delivery_id for r in segments}) == 1
+        for reservation in reversed(segments):
+            shop.close(reservation)
+        (d,) = shop.deliveries()
+        assert (d.evidence, d.counted, d.charged_bytes) == ("transferred", True, 400 * KB)
+        assert shop.used() == 1
+
+
+def test_head_and_scanner_requests_never_use_up_a_download(app):
+    shop = open_shop(app, {"a.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        rules.log_request(db.session, shop.grant(), "a.bin", status=200, outcome="head", client_ip="203.0.113.9",
+                          user_agent="Scanner", method="HEAD")
+        db.session.commit()
+        shop.get("a.bin", 0, 2 * KB, ip="203.0.113.9")    # a mail scanner peeks at the first bytes
+        assert (shop.used(), shop.grant().downloads_left) == (0, 1)
+        shop.get("a.bin")                                  # the shopper's download continues that delivery
+        (d,) = shop.deliveries()
+        assert (d.counted, shop.used()) == (True, 1)
+
+
+def test_scanner_sized_delivery_gives_its_slot_to_another_file(app):
+    shop = open_shop(app, {"a.bin": 300 * KB, "b.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        shop.get("a.bin", 0, 4 * KB)                       # scanner: holds the only slot for now
+        shop.get("b.bin")                                  # the shopper's real download takes it over
+        assert (shop.used(), shop.held()) == (1, 0)
+        with pytest.raises(DownloadsExhausted):
+            shop.open("a.bin")                             # a.bin lost its slot: resuming needs one
+
+
+def test_two_full_copies_are_two_deliveries_sequential_and_parallel(app):
+    shop = open_shop(app, {"a.bin": 100 * KB}, max_downloads=None)
+    with app.app_context():
+        shop.get("a.bin")
+        shop.get("a.bin")                                  # one after the other
+        first, second = shop.open("a.bin"), shop.open("a.bin")  # at once
+        assert first.delivery_id != second.delivery_id
+        shop.close(first)
+        shop.close(second)
+        assert [d.counted for d in shop.deliveries()] == [True, True, True, True]
+        assert shop.used() == 4
+
+
+def test_a_new_delivery_past_the_limit_is_refused_before_any_byte_and_writes_nothing(app):
+    shop = open_shop(app, {"a.bin": 100 * KB}, max_downloads=1)
+    with app.app_context():
+        shop.get("a.bin")
+        with pytest.raises(DownloadsExhausted):
+            shop.open("a.bin")
+        assert len(shop.deliveries()) == 1 and shop.used() == 1 and shop.held() == 0
+        shop.get("a.bin", 10 * KB, 20 * KB)                # re-fetching a piece within the budget is fine
+        assert len(shop.deliveries()) == 1 and shop.used() == 1
+
+
+@pytest.mark.config(INFLIGHT_ALLOWANCE=0)
+def test_restart_from_zero_over_budget_continues_the_unfinished_delivery(app):
+    shop = open_shop(app, {"a.bin": 100 * KB}, max_downloads=1)
+    with app.app_context():
+        shop.get("a.bin", sent=90 * KB)                    # charged 90 KiB, budget 150 KiB
+        shop.get("a.bin")                                  # 90 + 100 > 150: new delivery, same slot
+        old, new = shop.deliveries()
+        assert (old.closed, old.counted, new.counted, new.evidence) == (True, False, True, "transferred")
+        assert (shop.used(), shop.held()) == (1, 0)
+
+
+@pytest.mark.config(INFLIGHT_ALLOWANCE=64 * KB)
+def test_broken_off_requests_are_charged_only_beyond_the_inflight_allowance(app):
+    shop = open_shop(app, {"a.bin": 100 * KB})
+    with app.app_context():
+        shop.get("a.bin", sent=80 * KB)
+        (d,) = shop.deliveries()
+        assert d.charged_bytes == 16 * KB
+
+
+def test_an_orphaned_reservation_of_a_killed_sidecar_does_not_eat_the_budget(app):
+    shop = open_shop(app, {"a.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        shop.open("a.bin")                                 # the sidecar died: this never closes
+        shop.get("a.bin", 120 * KB)                        # the client resumes where it got to
+        (d,) = shop.deliveries()
+        assert d.evidence is None                          # bytes before 120 KiB were never seen leaving
+        assert shop.confirm("a.bin") == "verified"
+        assert (shop.used(), shop.held(), shop.order().evidence) == (1, 0, "verified")
+
+
+def test_confirm_upgrades_transferred_without_counting_twice(app):
+    shop = open_shop(app, {"a.bin": 100 * KB})
+    with app.app_context():
+        shop.get("a.bin")
+        assert shop.confirm("a.bin") == "verified"
+        assert shop.confirm("a.bin") == "verified"
+        (d,) = shop.deliveries()
+        assert (d.evidence, d.verified_at is not None, shop.used()) == ("verified", True, 1)
+        assert shop.order().evidence == "verified"         # shipped at the first evidence; the level rose
+
+
+@pytest.mark.parametrize("digest, error, message", [
+    ("0" * 64, DigestMismatch, "does not match"),
+    ("xyz", InvalidInput, "64 hexadecimal digits"),
+])
+def test_confirm_refusals_count_nothing(app, digest, error, message):
+    shop = open_shop(app, {"a.bin": 10 * KB})
+    with app.app_context():
+        with pytest.raises(error, match=message):
+            shop.confirm("a.bin", digest)
+        assert shop.deliveries() == [] and shop.used() == 0
+
+
+def test_flagged_files_are_never_confirmed_as_verified(app):
+    shop = open_shop(app, {"a.bin": 10 * KB})
+    with app.app_context():
+        shop.entry("a.bin").flagged = "checksum changed on disk"
+        db.session.commit()
+        with pytest.raises(FileUnavailable, match="integrity check"):
+            shop.confirm("a.bin")
+        assert shop.deliveries() == []
+
+
+def test_a_replaced_file_starts_a_new_delivery_and_the_old_version_gives_its_slot_back(app):
+    shop = open_shop(app, {"a.bin": 200 * KB}, max_downloads=1)
+    with app.app_context():
+        shop.get("a.bin", sent=100 * KB)
+        write_files(app.config["DOWNLOAD_DIR"], "BOOK", {"a.bin": 210 * KB})
+        index_files(db.session, app.config["DOWNLOAD_DIR"])
+        db.session.commit()
+        shop.get("a.bin")
+        old, new = shop.deliveries()
+        assert old.sha256 != new.sha256 and (old.counted, new.counted) == (False, True)
+        assert (shop.used(), shop.held()) == (1, 0)
+
+
+def test_idle_unfinished_deliveries_give_their_slot_back(app):
+    shop = open_shop(app, {"a.bin": 300 * KB, "b.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        shop.get("a.bin", sent=200 * KB)                   # more than a scanner; then nothing for hours
+        with pytest.raises(DownloadsExhausted):
+            shop.open("b.bin")
+        later = utcnow() + timedelta(hours=2)
+        assert rules.release_stale_deliveries(db.session, later) == 1
+        db.session.commit()
+        assert shop.held() == 0
+        shop.get("b.bin", now=later)
+        assert shop.used() == 1
+
+
+def test_expiry_grace_finishes_a_delivery_but_never_starts_one(app):
+    shop = open_shop(app, {"a.bin": 300 * KB, "b.bin": 10 * KB}, max_downloads=None, days=1)
+    with app.app_context():
+        shop.get("a.bin", sent=100 * KB)
+        expires = shop.grant().expires_at
+        soon_after = expires + timedelta(minutes=10)
+        assert rules.grace_allows(db.session, shop.grant(), shop.entry("a.bin"), soon_after)
+        assert not rules.grace_allows(db.session, shop.grant(), shop.entry("b.bin"), soon_after)
+        with pytest.raises(LinkExpired):
+            shop.open("b.bin", now=soon_after)
+        with pytest.raises(LinkExpired):
+            shop.open("a.bin", 100 * KB, now=expires + timedelta(hours=2))
+        shop.get("a.bin", 100 * KB, now=soon_after)
+        assert shop.deliveries("a.bin")[0].counted
+
+
+def test_the_order_ships_when_every_file_has_evidence_with_the_weakest_level(app):
+    shop = open_shop(app, {"a.bin": 10 * KB, "sub/b.bin": 20 * KB})
+    with app.app_context():
+        shop.confirm("sub/b.bin")
+        assert shop.order().status == "pending"
+        shop.get("a.bin")
+        order = shop.order()
+        assert (order.status, order.evidence) == ("shipped", "transferred")
+        rows = {r["path"]: r for r in rules_order_evidence(shop)}
+        assert rows["a.bin"]["evidence"] == "transferred" and rows["sub/b.bin"]["evidence"] == "verified"
+        assert rows["a.bin"]["bytes_delivered"] == 10 * KB and rows["a.bin"]["ips"] == ["192.0.2.1"]
+        assert rows["a.bin"]["attempts"] == 1 and rows["sub/b.bin"]["bytes_delivered"] == 0
+
+
+def rules_order_evidence(shop):
+    from app.downloads.evidence import order_evidence
+
+    return order_evidence(db.session, shop.order())
+
+
+def test_concurrent_complete_downloads_count_exactly_the_limit(app):
+    """20 shoppers at once against max_downloads=3: exactly 3 deliveries counted, 17 refused before any byte."""
+    shop = open_shop(app, {"a.bin": 64 * KB}, max_downloads=3)
+    barrier = threading.Barrier(20)
+    outcomes: list[str] = []
+
+    def shopper() -> None:
+        with app.app_context():
+            barrier.wait(timeout=30)
+            try:
+                reservation = shop.open("a.bin")
+            except DownloadsExhausted:
+                outcomes.append("refused")
+                return
+            finally:
+                db.session.remove()
+            shop.close(reservation)
+            outcomes.append("served")
+            db.session.remove()
+
+    threads = [threading.Thread(target=shopper) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["refused"] * 17 + ["served"] * 3
+    with app.app_context():
+        assert (shop.used(), shop.held()) == (3, 0)
+        assert db.session.scalar(select(func.count()).select_from(Delivery).where(Delivery.counted.is_(True))) == 3

@@ -1,0 +1,82 @@
+"""The README's first command: ``scripts/demo`` prepares an instance and runs store and sidecar."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.helpers import ROOT, free_port
+
+
+def demo_env(tmp_path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTGOODS_") and k != "DATABASE_URL"}
+    env["SOFTGOODS_INSTANCE_DIR"] = str(tmp_path / "instance")
+    return env
+
+
+@pytest.mark.backends("sqlite")
+def test_demo_prepares_products_files_and_an_owner_idempotently(backend_name, tmp_path):
+    runs = [subprocess.run([sys.executable, "-m", "app.demo", "--no-serve"], cwd=ROOT, env=demo_env(tmp_path),
+                           capture_output=True, text=True, timeout=120) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    passwords = [re.search(r"owner:\s+owner@example.com\s+password: (\S+)", r.stdout)[1] for r in runs]
+    assert passwords[0] == passwords[1]  # a re-run keeps the account and prints the same credentials
+    downloads = tmp_path / "instance" / "downloads"
+    assert (downloads / "MANUAL" / "ch1" / "intro.pdf").read_bytes().startswith(b"%PDF-1.4")
+    assert (downloads / "MANUAL" / "ch1" / "video.mp4").stat().st_size == 4 * 1024 * 1024
+    assert (downloads / "TOOLKIT" / "toolkit-1.0.zip").read_bytes().startswith(b"PK")
+
+    from app import create_app
+    from app.accounts.models import User
+    from app.downloads.models import FileEntry
+    from app.extensions import db
+    from app.store.models import Product
+    from sqlalchemy import select
+
+    app = create_app(env=demo_env(tmp_path))
+    with app.app_context():
+        skus = set(db.session.scalars(select(Product.sku)))
+        assert {"MANUAL", "TOOLKIT", "CLASSICS-2", "FILM-METROPOLIS"} <= skus and len(skus) == 6
+        assert db.session.scalar(select(Product).where(Product.sku == "CLASSICS-2")).entitlement_count == 2
+        assert "ch2/appendix/tables.csv" in set(db.session.scalars(select(FileEntry.path)))
+        owner = db.session.scalar(select(User).where(User.email == "owner@example.com"))
+        assert owner.is_owner and owner.check_password(passwords[0])
+        db.engine.dispose()
+
+
+@pytest.mark.backends("sqlite")
+def test_demo_serves_store_and_sidecar_until_interrupted(backend_name, tmp_path):
+    store_port, sidecar_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "app.demo", "--store-port", str(store_port),
+                             "--sidecar-port", str(sidecar_port)], cwd=ROOT, env=demo_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if line.startswith("Ctrl-C stops both"):
+                break
+        text = "".join(output)
+        assert f"store:     http://127.0.0.1:{store_port}/" in text, text[-2000:]
+        catalog = urllib.request.urlopen(f"http://127.0.0.1:{store_port}/", timeout=10).read().decode()
+        assert "The Complete Field Manual" in catalog
+        assert urllib.request.urlopen(f"http://127.0.0.1:{sidecar_port}/healthz", timeout=10).status == 200
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        proc.stdout.close()
+    for port in (store_port, sidecar_port):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
