@@ -39,6 +39,12 @@ def register_extensions(app: Flask) -> None:
     csrf.init_app(app)
     limiter.init_app(app)
     metrics.init(Path(app.config["INSTANCE_DIR"]) / "sidecar-metrics")
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        from sidecar import sqlite_writers
+
+        with app.app_context():
+            Path(app.config["INSTANCE_DIR"]).mkdir(parents=True, exist_ok=True)
+            sqlite_writers.install(db.engine, str(Path(app.config["INSTANCE_DIR"]) / "sqlite-writers.lock"))
 
 
 def register_blueprints(app: Flask) -> None:

@@ -7,12 +7,11 @@ import click
 from sqlalchemy import select
 
 from app.accounts.models import ROLES, User
+from app.accounts.rules import check_password_rules
 from app.accounts.validation import normalize_email
 from app.cli import fail, run_rule
 from app.extensions import db
 from app.timeutil import utcnow
-
-MIN_PASSWORD = 8
 
 
 def register(group: click.Group) -> None:
@@ -33,8 +32,7 @@ def register(group: click.Group) -> None:
             password = sys.stdin.readline().rstrip("\r\n")
         else:
             password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-        if len(password) < MIN_PASSWORD:
-            fail(f"the password must have at least {MIN_PASSWORD} characters")
+        run_rule(check_password_rules, password)  # the same rule as the register page
         account = User(email=email, role=role, email_confirmed_at=utcnow())
         account.set_password(password)
         db.session.add(account)

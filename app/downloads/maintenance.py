@@ -56,22 +56,26 @@ class PurgeReport:
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        """What a person reads in the cron mail: one line per fact, verbs say whether it happened."""
-        verb = "would " if self.dry_run else ""
-        out = [f"{verb}expire {self.grants_expired} grant(s) past {self.cutoff:%Y-%m-%d %H:%M} UTC "
-               f"(expiry plus grace)"]
+        """What a person reads in the cron mail: one line per fact; the verb says whether it happened."""
+        def verb(now: str, done: str) -> str:
+            return f"would {now}" if self.dry_run else done
+
+        out = [f"{verb('expire', 'expired')} {self.grants_expired} grant(s) past "
+               f"{self.cutoff:%Y-%m-%d %H:%M} UTC (expiry plus grace)"]
         out += [f"  {line}" for line in self.grant_samples]
         if self.grants_expired > len(self.grant_samples):
             out.append(f"  ... and {self.grants_expired - len(self.grant_samples)} more")
-        out.append(f"{verb}remove {len(self.symlink_dirs)} symlink folder(s)")
+        out.append(f"{verb('remove', 'removed')} {len(self.symlink_dirs)} symlink folder(s)")
         out += [f"  {name}" for name in self.symlink_dirs[:SAMPLE]]
-        out.append(f"{verb}delete {len(self.packages)} expired package(s)"
+        out.append(f"{verb('delete', 'deleted')} {len(self.packages)} expired package(s)"
                    + (f": {', '.join(self.packages)}" if self.packages else ""))
         if self.log_cutoff is not None:
-            out.append(f"{verb}prune {self.log_rows} download-log row(s) before {self.log_cutoff:%Y-%m-%d}")
-        if self.outbox_sent is None:
-            out.append(f"{verb}retry {self.outbox_waiting} unsent email(s)" if self.dry_run
-                       else f"outbox: {self.outbox_waiting} unsent email(s) wait (mail not configured here)")
+            out.append(f"{verb('prune', 'pruned')} {self.log_rows} download-log row(s) "
+                       f"before {self.log_cutoff:%Y-%m-%d}")
+        if self.dry_run:
+            out.append(f"would retry {self.outbox_waiting} unsent email(s)")
+        elif self.outbox_sent is None:
+            out.append(f"outbox: {self.outbox_waiting} unsent email(s) waiting")
         else:
             out.append(f"sent {self.outbox_sent} of {self.outbox_waiting} waiting email(s)")
         out += self.notes

@@ -124,7 +124,7 @@ def checkout_submit():
         card = None
         if cart_rules.lines_total(lines) > 0 or not lines:
             card = read_card(form.get("card_number", ""), form.get("expiry", ""), form.get("cvc", ""))
-        user = current_user if current_user.is_authenticated else None
+        user = current_user._get_current_object() if current_user.is_authenticated else None
         result = checkout(db.session, gateway_for(current_app.config), lines=lines, email=email, card=card,
                           checkout_token=token, user=user, client_ip=client_address())
         db.session.commit()

@@ -18,9 +18,11 @@ import hashlib
 import http.client
 import json
 import os
+import queue
 import random
 import re
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from base64 import b64decode
@@ -216,6 +218,101 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+class Verifier:
+    """Checks pieces and the whole file in two threads while the socket is read, so verification
+    keeps up with the network (hashlib releases the GIL): socket -> piece thread -> whole thread.
+    Buffers go round in a small pool: a buffer is read into again only after both hashes saw it."""
+
+    BUFFERS = 8
+
+    def __init__(self, job: "FileJob", whole_from_start: bool):
+        self.job = job
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(self.BUFFERS):
+            self.free.put(bytearray(BLOCK))
+        self.piece_queue: queue.Queue = queue.Queue()
+        self.whole_queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.piece_hash, self.piece_at = hashlib.sha256(), -1
+        self.whole = hashlib.sha256() if whole_from_start else None
+        self.whole_at = 0
+        self.threads = [threading.Thread(target=self._piece_loop, daemon=True),
+                        threading.Thread(target=self._whole_loop, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, buf: bytearray, n: int, offset: int) -> None:
+        self.piece_queue.put((buf, n, offset))
+        if self.error is not None:
+            raise self.error
+
+    def drain(self) -> None:
+        self.piece_queue.join()
+        self.whole_queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.piece_queue.put(None)
+        for thread in self.threads:
+            thread.join(60)
+
+    def whole_digest(self) -> str | None:
+        if self.whole is None or self.whole_at != self.job.size:
+            return None
+        return self.whole.hexdigest()
+
+    def _piece_loop(self) -> None:
+        while True:
+            item = self.piece_queue.get()
+            try:
+                if item is None:
+                    self.whole_queue.put(None)
+                    return
+                if self.error is None:
+                    buf, n, offset = item
+                    self._pieces(memoryview(buf)[:n], offset)
+            except BaseException as exc:  # handed to the reading thread, which raises it
+                self.error = exc
+            finally:
+                if item is not None:
+                    self.whole_queue.put(item)
+                self.piece_queue.task_done()
+
+    def _pieces(self, chunk: memoryview, offset: int) -> None:
+        size, piece_size = self.job.size, self.job.piece_size
+        if offset != self.piece_at:  # a new range: ranges start on a piece boundary
+            self.piece_hash = hashlib.sha256()
+        while chunk:
+            index = offset // piece_size
+            piece_end = min(size, (index + 1) * piece_size)
+            take = min(len(chunk), piece_end - offset)
+            self.piece_hash.update(chunk[:take])
+            offset += take
+            chunk = chunk[take:]
+            if offset == piece_end:
+                self.piece_hash, digest = hashlib.sha256(), self.piece_hash.hexdigest()
+                self.job.finish_piece(index, digest)
+        self.piece_at = offset
+
+    def _whole_loop(self) -> None:
+        while True:
+            item = self.whole_queue.get()
+            try:
+                if item is None:
+                    return
+                buf, n, offset = item
+                if self.whole is not None:
+                    if offset == self.whole_at:
+                        self.whole.update(memoryview(buf)[:n])
+                        self.whole_at += n
+                    else:
+                        self.whole = None
+                self.free.put(buf)
+            finally:
+                self.whole_queue.task_done()
+
+
 class FileJob:
     """Download one listed file into ``<dest>.part`` (+ ``.part.json`` state) and verify it."""
 
@@ -224,29 +321,31 @@ class FileJob:
         self.part, self.state_path = dest + ".part", dest + ".part.json"
         self.size, self.sha256 = int(info["size"]), info["sha256"].lower()
         self.show_progress = show_progress
-        self.refetched_bytes = 0  # bytes fetched again because a piece failed (for the benchmark)
+        self.damaged = False
 
     def run(self) -> None:
         self.piece_size, self.pieces = retrying(self.info["path"], fetch_pieces, self.http,
                                                 self.info["metalink_url"], self.size)
         self.load_state()
         os.makedirs(os.path.dirname(self.part) or ".", exist_ok=True)
-        with open(self.part, "r+b" if os.path.exists(self.part) else "w+b") as self.fh:
+        with open(self.part, "r+b" if os.path.exists(self.part) else "w+b", buffering=0) as self.fh:
             if os.fstat(self.fh.fileno()).st_size != self.size:
                 self.fh.truncate(self.size)
-            self.progress = Progress(self.info["path"], self.size, self.done_bytes(), self.show_progress)
-            self.whole = hashlib.sha256() if not any(self.good) else None
-            self.whole_at = 0
-            while not all(self.good):
-                first = self.good.index(False)
-                last = first
-                while last + 1 < len(self.good) and not self.good[last + 1]:
-                    last += 1
-                start, end = first * self.piece_size, min(self.size, (last + 1) * self.piece_size)
-                self.fetch_range(start, end)
+            self.progress = Progress(self.info["path"], self.size, self.good_bytes, self.show_progress)
+            self.verifier = Verifier(self, whole_from_start=not any(self.good))
+            try:
+                while not all(self.good):
+                    first = self.good.index(False)
+                    last = first
+                    while last + 1 < len(self.good) and not self.good[last + 1]:
+                        last += 1
+                    self.fetch_range(first * self.piece_size, min(self.size, (last + 1) * self.piece_size))
+                    self.verifier.drain()
+            finally:
+                self.verifier.close()
             self.save_state(force=True)
             self.progress.finish()
-            digest = self.whole.hexdigest() if self.whole is not None and self.whole_at == self.size else None
+            digest = None if self.damaged else self.verifier.whole_digest()
             if digest is None:
                 digest = hash_file(self.fh)
         if digest != self.sha256:
@@ -270,16 +369,17 @@ class FileJob:
             self.good += [False] * (len(self.pieces) - len(self.good))
         else:
             self.reset()
+        self.good_bytes = sum(self.piece_length(i) for i, g in enumerate(self.good) if g)
         self.saved_at = 0.0
 
     def save_state(self, force: bool = False) -> None:
+        """Remember verified pieces (their bytes are already written), so a killed run resumes."""
         now = time.monotonic()
         if not force and now - self.saved_at < STATE_SAVE_INTERVAL:
             return
         self.saved_at = now
-        self.fh.flush()
         state = {"url": self.info["url"], "sha256": self.sha256, "size": self.size, "etag": self.etag,
-                 "piece_size": self.piece_size, "good": "".join("1" if g else "0" for g in self.good)}
+                 "piece_size": self.piece_size, "good": "".join("1" if g else "0" for g in list(self.good))}
         tmp = self.state_path + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(state, fh)
@@ -290,15 +390,16 @@ class FileJob:
             if os.path.exists(path):
                 os.unlink(path)
         self.etag, self.good, self.failures = None, [False] * len(self.pieces), {}
+        self.good_bytes = 0
 
-    def done_bytes(self) -> int:
-        return sum(min(self.piece_size, self.size - i * self.piece_size) for i, g in enumerate(self.good) if g)
+    def piece_length(self, index: int) -> int:
+        return min(self.piece_size, self.size - index * self.piece_size)
 
     # transfer ---------------------------------------------------------------------------------------
     def fetch_range(self, start: int, end: int) -> None:
-        """Fetch [start, end) and verify each piece as it completes; on a dropped connection continue
-        from the exact byte reached (the partial piece's hash is kept), with bounded backoff."""
-        self.cursor, self.piece_hash, failures = start, hashlib.sha256(), 0
+        """Fetch [start, end): on a dropped connection continue from the exact byte reached (the
+        partial piece's hash is kept), with bounded backoff."""
+        self.cursor, failures = start, 0
         while self.cursor < end:
             headers = {}
             if self.cursor > 0 or end < self.size:
@@ -322,20 +423,28 @@ class FileJob:
     def stream(self, headers: dict, end: int) -> None:
         response = self.http.request("GET", self.info["url"], headers)
         try:
-            self.check_response(response, headers, self.cursor)
+            self.check_response(response, headers)
             self.fh.seek(self.cursor)
-            buf = bytearray(BLOCK)
-            view = memoryview(buf)
             while self.cursor < end:
-                want = min(BLOCK, end - self.cursor)
+                buf = self.verifier.free.get()
+                view = memoryview(buf)[:min(BLOCK, end - self.cursor)]
                 try:
-                    n = response.readinto(view[:want])
+                    n = response.readinto(view)
                 except (OSError, http.client.HTTPException) as exc:
+                    self.verifier.free.put(buf)
                     raise Transient(f"connection lost at byte {self.cursor}: "
                                     f"{exc or exc.__class__.__name__}") from None
                 if not n:
+                    self.verifier.free.put(buf)
                     raise Transient(f"connection closed at byte {self.cursor}")
-                self.consume(view[:n])
+                written = 0
+                while written < n:  # a raw file may write less than asked
+                    written += self.fh.write(view[written:n])
+                self.verifier.submit(buf, n, self.cursor)
+                self.cursor += n
+                self.save_state()
+                if self.progress.enabled:
+                    self.progress.update(max(self.good_bytes, self.verifier.whole_at))
             if response.length:
                 self.http.drop(self.info["url"])  # we stopped reading early: this connection is spent
         except BaseException:
@@ -344,7 +453,7 @@ class FileJob:
         finally:
             response.close()
 
-    def check_response(self, response, headers: dict, offset: int) -> None:
+    def check_response(self, response, headers: dict) -> None:
         etag = response.getheader("ETag")
         if response.status in (412, 416):
             self.reset()
@@ -364,38 +473,15 @@ class FileJob:
             raise FileChanged("the file's ETag changed")
         self.etag = self.etag or etag
 
-    def consume(self, chunk: memoryview) -> None:
-        """Write a chunk, feed the piece (and whole-file) hashes, check each piece as it completes."""
-        offset = self.cursor
-        self.fh.write(chunk)
-        if self.whole is not None:
-            if offset == self.whole_at:
-                self.whole.update(chunk)
-                self.whole_at += len(chunk)
-            else:
-                self.whole = None
-        while chunk:
-            index = offset // self.piece_size
-            piece_end = min(self.size, (index + 1) * self.piece_size)
-            take = min(len(chunk), piece_end - offset)
-            self.piece_hash.update(chunk[:take])
-            offset += take
-            self.cursor = offset
-            chunk = chunk[take:]
-            if offset == piece_end:
-                self.piece_hash, digest = hashlib.sha256(), self.piece_hash.hexdigest()
-                self.finish_piece(index, digest)
-        if self.progress.enabled:
-            self.progress.update(self.whole_at if self.whole is not None else self.done_bytes())
-
     def finish_piece(self, index: int, digest: str) -> None:
+        """Called by the piece thread for every completed piece."""
         if digest == self.pieces[index]:
-            self.good[index] = True
-            self.save_state()
+            if not self.good[index]:
+                self.good[index] = True
+                self.good_bytes += self.piece_length(index)
             return
-        self.whole = None  # the bad bytes went into the running whole-file hash
+        self.damaged = True  # the bad bytes went into the running whole-file hash
         self.failures[index] = self.failures.get(index, 0) + 1
-        self.refetched_bytes += min(self.piece_size, self.size - index * self.piece_size)
         say(f"{self.info['path']}: piece {index + 1} of {len(self.pieces)} arrived damaged; fetching it again",
             verbose_only=True)
         if self.failures[index] >= MAX_PIECE_FAILURES:

@@ -3,7 +3,6 @@ browse, buy with the approving card, see the link on the page, in the email and 
 (after registering and confirming); then a declining card shows the decline and no link."""
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
