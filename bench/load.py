@@ -13,7 +13,8 @@ import time
 from urllib.parse import urlsplit
 
 
-def _worker(paths: list[str], host: str, port: int, seconds: float, connections: int, out) -> None:
+def _worker(paths: list[str], host: str, port: int, seconds: float, connections: int, out,
+            method: str = "GET") -> None:
     import threading
 
     counts = [0] * connections
@@ -25,7 +26,7 @@ def _worker(paths: list[str], host: str, port: int, seconds: float, connections:
         n = 0
         while time.monotonic() < deadline:
             try:
-                conn.request("GET", paths[n % len(paths)])
+                conn.request(method, paths[n % len(paths)])
                 resp = conn.getresponse()
                 resp.read()
                 if resp.status == 200:
@@ -50,12 +51,13 @@ def _worker(paths: list[str], host: str, port: int, seconds: float, connections:
     out.put((sum(counts), sum(errors)))
 
 
-def rate(urls: list[str], seconds: float = 5.0, processes: int = 2, connections: int = 4) -> tuple[float, int]:
+def rate(urls: list[str], seconds: float = 5.0, processes: int = 2, connections: int = 4,
+         method: str = "GET") -> tuple[float, int]:
     """Requests per second (200s only) and the number of failed requests."""
     u = urlsplit(urls[0])
     paths = [urlsplit(x).path for x in urls]
     queue: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_worker, args=(paths, u.hostname, u.port, seconds, connections, queue))
+    procs = [mp.Process(target=_worker, args=(paths, u.hostname, u.port, seconds, connections, queue, method))
              for _ in range(processes)]
     start = time.monotonic()
     for p in procs:
@@ -90,14 +92,14 @@ async def _slow_reader(host: str, port: int, path: str, rate_bytes: int, seconds
     got.append(total)
 
 
-def slow_readers(url: str, n: int, rate_bytes: int, seconds: float) -> list[int]:
-    """Run in a thread or process: opens n slow downloads, returns bytes each received."""
-    u = urlsplit(url)
+def slow_readers(urls: list[str], rate_bytes: int, seconds: float) -> list[int]:
+    """Run in a thread or process: one slow download per URL, returns the bytes each received."""
     got: list[int] = []
 
     async def main() -> None:
         tasks = []
-        for i in range(n):
+        for i, url in enumerate(urls):
+            u = urlsplit(url)
             tasks.append(asyncio.create_task(_slow_reader(u.hostname, u.port, u.path, rate_bytes, seconds, got)))
             if i % 50 == 49:
                 await asyncio.sleep(0.05)  # ramp up instead of a SYN flood on the backlog

@@ -32,6 +32,7 @@ from tests.helpers import ServerProcess, free_port  # noqa: E402
 from tests.servers import render_nginx_conf  # noqa: E402
 
 GIB = 1 << 30
+SMALL_GRANTS = 50
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -40,9 +41,11 @@ def fallocate(path: Path, size: int) -> None:
     subprocess.run(["fallocate", "-l", str(size), str(path)], check=True)
 
 
-def setup(root: Path, small_files: int) -> tuple[dict[str, str], dict[str, str]]:
-    """An instance with BIG (1 GiB), HUGE (4 GiB), SMALL (4 KiB files) and unlimited links to each."""
-    env = {"SOFTGOODS_INSTANCE_DIR": str(root / "instance"), "DATABASE_URL": f"sqlite:///{root / 'db.sqlite'}",
+def setup(root: Path, small_files: int, database_url: str | None = None,
+          slow_clients: int = 0) -> tuple[dict[str, str], dict[str, str]]:
+    """An instance with BIG (1 GiB), HUGE (4 GiB), SMALL (4 KiB files) and unlimited links: one per
+    slow client (1,000 shoppers, not one link downloaded 1,000 times) and 50 for the small files."""
+    env = {"SOFTGOODS_INSTANCE_DIR": str(root / "instance"), "DATABASE_URL": database_url or f"sqlite:///{root / 'db.sqlite'}",
            "SOFTGOODS_SECRET_KEY": "bench-" + os.urandom(8).hex(), "SOFTGOODS_DOWNLOAD_DIR": str(root / "dl"),
            "SOFTGOODS_SYMLINK_DIR": str(root / "links")}
     fallocate(root / "dl" / "BIG" / "big.bin", GIB)
@@ -67,11 +70,15 @@ def setup(root: Path, small_files: int) -> tuple[dict[str, str], dict[str, str]]
         flask_migrate.upgrade(directory=MIGRATIONS_DIR)
         t0 = time.monotonic()
         index_files(db.session, env["SOFTGOODS_DOWNLOAD_DIR"])
-        print(f"index: {5 * GIB + small_files * 4096:,} bytes hashed in {time.monotonic() - t0:.1f} s", flush=True)
+        print(f"index: {5 * GIB + small_files * 4096:,} bytes (sparse) hashed in {time.monotonic() - t0:.1f} s",
+              flush=True)
         for sku in ("BIG", "HUGE", "SMALL"):
             product = add_product(db.session, sku=sku, name=sku, price="1", max_downloads=None)
-            order = create_order(db.session, email="bench@example.com", lines=[Line(product, 1)])
-            links[sku] = grant_downloads(db.session, order, max_downloads=None)[0].url
+            # many shoppers of the small files: each link sees a few requests, as in a real shop
+            for i in range({"SMALL": SMALL_GRANTS, "BIG": slow_clients + 1}.get(sku, 1)):
+                order = create_order(db.session, email=f"bench{i}@example.com", lines=[Line(product, 1)])
+                key = sku if i == 0 else ("SLOW" if sku == "BIG" else sku) + str(i)
+                links[key] = grant_downloads(db.session, order, max_downloads=None)[0].url
         db.session.commit()
         db.engine.dispose()
     return env, links
@@ -127,16 +134,21 @@ def main() -> int:
     parser.add_argument("--only", default="big,small,ttfb,slow")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--slow-clients", type=int, default=1000)
-    parser.add_argument("--slow-seconds", type=float, default=20)
+    parser.add_argument("--slow-seconds", type=float, default=30)
     parser.add_argument("--small-seconds", type=float, default=6)
+    parser.add_argument("--sidecar-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the sidecar, e.g. SOFTGOODS_SIDECAR_WORKERS=1")
+    parser.add_argument("--database-url", help="default: a fresh SQLite file")
     args = parser.parse_args()
     only = set(args.only.split(","))
     os.chdir(ROOT)
     root = Path(tempfile.mkdtemp(prefix="sg-bench-", dir="/tmp"))
     servers: list[ServerProcess] = []
     try:
-        env, links = setup(root, small_files=100)
-        sidecar = start_gunicorn("sidecar.wsgi:app", env, root / "sidecar.log")
+        env, links = setup(root, small_files=100, database_url=args.database_url,
+                           slow_clients=args.slow_clients if "slow" in only else 0)
+        extra = dict(item.split("=", 1) for item in args.sidecar_env)
+        sidecar = start_gunicorn("sidecar.wsgi:app", {**env, **extra}, root / "sidecar.log")
         servers.append(sidecar)
         nginx = start_nginx(root, env)
         servers.append(nginx)
@@ -156,30 +168,35 @@ def main() -> int:
             bare = start_gunicorn("bench.bare_flask:app", {**env, "BENCH_FILES_DIR": env["SOFTGOODS_DOWNLOAD_DIR"]},
                                   root / "bare.log")
             servers.append(bare)
-            ours_urls = [links["SMALL"] + f"f/f{i:03d}.bin" for i in range(100)]
+            small_links = [v for k, v in links.items() if k.startswith("SMALL")]
+            ours_urls = [link + f"f/f{i:03d}.bin" for i in range(100) for link in small_links]
             bare_urls = [bare.url + f"/files/SMALL/f{i:03d}.bin" for i in range(100)]
             nginx_urls = [nginx.url + f"/static-files/SMALL/f{i:03d}.bin" for i in range(100)]
             o, oerr = rate(ours_urls, args.small_seconds)
             b, berr = rate(bare_urls, args.small_seconds)
             n, _ = rate(nginx_urls, args.small_seconds)
+            heads = rate(ours_urls, args.small_seconds / 2, method="HEAD")[0]
             results["4 KiB"] = o / b
             print(f"4 KiB files: sidecar (validated, logged) {o:.0f} req/s, bare Flask send_from_directory "
                   f"{b:.0f} req/s, ratio {o / b:.2f}; nginx {n:.0f} req/s (same Python client); "
-                  f"errors {oerr}/{berr}", flush=True)
+                  f"errors {oerr}/{berr}; HEAD through the same links (validation + log row, no delivery "
+                  f"accounting) {heads:.0f} req/s", flush=True)
             bare.stop()
         if "ttfb" in only:
             big, small = [], []
-            for _ in range(20):
+            for i in range(20):  # a pause between probes: each meets an idle server, not the last one's cleanup
                 big.append(ttfb(links["HUGE"] + "f/huge.bin"))
-                small.append(ttfb(links["SMALL"] + "f/f000.bin"))
+                time.sleep(0.2)
+                small.append(ttfb(links[f"SMALL{i + 1}"] + f"f/f{i:03d}.bin"))
+                time.sleep(0.2)
             b, s = statistics.median(big), statistics.median(small)
             results["TTFB"] = b / s
             print(f"time to first byte: 4 GiB {ms(b)}, 4 KiB {ms(s)} (median of 20), ratio {b / s:.2f}", flush=True)
         if "slow" in only:
             with mp.Pool(1) as pool:
-                pending = pool.apply_async(slow_readers, (links["BIG"] + "f/big.bin", args.slow_clients,
-                                                          100_000, args.slow_seconds))
-                time.sleep(min(8.0, args.slow_seconds / 3))  # let every client connect
+                slow_urls = [link + "f/big.bin" for key, link in links.items() if key.startswith("SLOW")]
+                pending = pool.apply_async(slow_readers, (slow_urls, 100_000, args.slow_seconds))
+                time.sleep(args.slow_seconds / 3)  # let every client connect and start
                 req = urllib.request.Request(links["BIG"], headers={"Accept": "application/json"})
                 with urllib.request.urlopen(req, timeout=10) as resp:
                     assert json.load(resp)["files"]
@@ -191,7 +208,7 @@ def main() -> int:
             results["listing p99"] = p99
             print(f"listing under {args.slow_clients} slow downloads (100 KB/s each): p50 {ms(p50)}, p99 {ms(p99)}, "
                   f"max {ms(lat[-1])}; {receiving}/{len(got)} downloads were receiving "
-                  f"(median {statistics.median(got) / 1e6:.1f} MB in {args.slow_seconds:.0f} s)", flush=True)
+                  f"(median {statistics.median(got) / 1e6:.2f} MB in {args.slow_seconds:.0f} s)", flush=True)
         print(json.dumps({k: round(v, 4) for k, v in results.items()}))
     finally:
         for server in servers:

@@ -43,8 +43,7 @@ def register_extensions(app: Flask) -> None:
         from sidecar import sqlite_writers
 
         with app.app_context():
-            Path(app.config["INSTANCE_DIR"]).mkdir(parents=True, exist_ok=True)
-            sqlite_writers.install(db.engine, str(Path(app.config["INSTANCE_DIR"]) / "sqlite-writers.lock"))
+            sqlite_writers.install(db.engine)
 
 
 def register_blueprints(app: Flask) -> None:

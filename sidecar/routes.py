@@ -14,12 +14,11 @@ from werkzeug.routing import PathConverter
 from app.downloads import delivery
 from app.downloads.access import (
     OpenedGrant, choices_left, choose_entitlement, class_offer, files_for_grant, find_file, is_class_entitlement,
-    open_grant, public_path, real_path, within_grace,
+    open_grant, public_path, real_path,
 )
-from app.downloads.errors import DeliveryRefused, FileNotFound, InvalidInput, LinkExpired, LinkNotFound
+from app.downloads.errors import DeliveryRefused, FileNotFound, InvalidInput, LinkNotFound
 from app.downloads.metalink import MEDIA_TYPE, metalink_for
-from app.downloads.models import Delivery, UserDownload
-from app.downloads.receipts import read_receipt
+from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
 from app.errors import wants_json
 from app.extensions import client_address, csrf, db, limiter
@@ -56,23 +55,29 @@ def link_guess_limit() -> str:
 guarded = limiter.shared_limit(link_guess_limit, scope="bad-links", deduct_when=_bad_link_seen)
 
 
-def _open(receipt: str, *, listing: bool = True) -> OpenedGrant:
+def _open(receipt: str, *, listing: bool = True, finishing=None) -> OpenedGrant:
     try:
         return open_grant(db.session, current_app.config["SECRET_KEY"], receipt, client_address(),
-                          listing=listing)
+                          listing=listing, finishing=finishing)
     except LinkNotFound:
         g.bad_link = True
         raise
+
+
+def _finishing(grant, name: str) -> bool:
+    """Within the grace period, a delivery of this file that started before expiry may finish."""
+    try:
+        entry = find_file(db.session, grant, name)
+    except FileNotFound:
+        return False
+    return delivery.grace_allows(db.session, grant, entry)
 
 
 def _file_request(receipt: str, name: str) -> FileRequest:
     """Validate the link and resolve the file; every refusal is written to the download log."""
     grant = None
     try:
-        try:
-            opened = _open(receipt, listing=False)
-        except LinkExpired:
-            opened = _expired_but_finishing(receipt, name)
+        opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, name))
         grant = opened.grant
         entry = find_file(db.session, grant, name)
         full = real_path(current_app.config["DOWNLOAD_DIR"], entry)
@@ -93,19 +98,6 @@ def _file_request(receipt: str, name: str) -> FileRequest:
                        metalink_url=url_for("sidecar.metalink", receipt=receipt, name=name, _external=True),
                        method=request.method, headers=request.headers, environ=request.environ,
                        client_ip=client_address(), user_agent=request.user_agent.string or None)
-
-
-def _expired_but_finishing(receipt: str, name: str) -> OpenedGrant:
-    """Within the grace period, a delivery that started before expiry may be resumed and finished."""
-    rec = read_receipt(current_app.config["SECRET_KEY"], receipt)
-    grant = db.session.get(UserDownload, rec.grant_id)
-    try:
-        entry = find_file(db.session, grant, name)
-    except FileNotFound:
-        entry = None
-    if entry is None or not within_grace(db.session, grant, entry, current_app.config["EXPIRY_GRACE_SECONDS"]):
-        raise LinkExpired(grant.expires_at)
-    return OpenedGrant(grant, rec)
 
 
 @bp.route("/d/<receipt>/", methods=["GET", "HEAD"])

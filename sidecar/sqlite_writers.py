@@ -57,12 +57,15 @@ class WriterQueue:
             self._thread_lock.release()
 
 
-def install(engine: Engine, lock_path: str) -> None:
-    """Queue the writers of this engine (SQLite only); released after the session's commit or rollback."""
-    if engine.dialect.name != "sqlite" or engine.info.get("sg_writer_queue"):
+def install(engine: Engine) -> None:
+    """Queue the writers of this engine (SQLite files only); released after the session's commit or
+    rollback. The lock file sits next to the database, so every process using it takes part."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:" \
+            or getattr(engine, "_sg_writer_queue", None):
         return
-    queue = WriterQueue(lock_path)
-    engine.info["sg_writer_queue"] = queue
+    queue = WriterQueue(database + "-writers.lock")
+    engine._sg_writer_queue = queue
 
     @event.listens_for(engine, "before_cursor_execute")
     def _before(conn, cursor, statement, parameters, context, executemany) -> None:

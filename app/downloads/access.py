@@ -7,17 +7,18 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.downloads.errors import (
     AddressMismatch, DownloadsExhausted, FileNotFound, FileUnavailable, InvalidInput, LinkExpired,
     LinkNotFound, LinkRevoked,
 )
-from app.downloads.models import PACKAGES_SKU, Delivery, EntitlementChoice, FileEntry, UserDownload
+from app.downloads.models import PACKAGES_SKU, EntitlementChoice, FileEntry, UserDownload
 from app.downloads.receipts import Receipt, address_tag, key_matches, read_receipt
 from app.store.models import Product
 from app.timeutil import utcnow
@@ -30,13 +31,17 @@ class OpenedGrant:
 
 
 def open_grant(session: Session, secret: str, token: str, client_ip: str, *, listing: bool = True,
+               finishing: Callable[[UserDownload], bool] | None = None,
                now: datetime | None = None) -> OpenedGrant:
     """Validate a link, in this order: signature (no database query when forged), grant + key + order,
-    revoked 403, expired 410, limit used up 403 (listings only: for files the counting rules decide,
-    so a delivery in progress may finish), bound address 403.
+    revoked 403, expired 410 (unless ``finishing(grant)`` says a delivery that started before expiry
+    may still finish), limit used up 403 (listings only: for files the counting rules decide, so a
+    delivery in progress may finish), bound address 403.
     """
     receipt = read_receipt(secret, token)
-    grant = session.get(UserDownload, receipt.grant_id)
+    # One query for the grant, its order and product (+ package): every request needs them.
+    grant = session.get(UserDownload, receipt.grant_id, options=[
+        joinedload(UserDownload.order), joinedload(UserDownload.product).joinedload(Product.package)])
     # Compare the key even when the grant is gone, so timing does not tell which ids exist.
     key_ok = key_matches(receipt.key, grant.key_hash if grant else "0" * 64)
     if grant is None or not key_ok or (grant.order.po_number or "") != receipt.po_number:
@@ -45,25 +50,14 @@ def open_grant(session: Session, secret: str, token: str, client_ip: str, *, lis
         raise LinkRevoked()
     now = now or utcnow()
     if grant.status == "expired" or grant.expires_at <= now:
-        raise LinkExpired(grant.expires_at)
+        if finishing is None or not finishing(grant):
+            raise LinkExpired(grant.expires_at)
     if listing and grant.downloads_left == 0:
         raise DownloadsExhausted()
     if grant.bound_ip and not hmac.compare_digest(address_tag(secret, client_ip),
                                                   address_tag(secret, grant.bound_ip)):
         raise AddressMismatch()
     return OpenedGrant(grant, receipt)
-
-
-def within_grace(session: Session, grant: UserDownload, entry: FileEntry, grace_seconds: int,
-                 now: datetime | None = None) -> bool:
-    """An expired link may still finish (resume) a delivery that started before it expired."""
-    now = now or utcnow()
-    if grant.status == "revoked" or now > grant.expires_at + timedelta(seconds=grace_seconds):
-        return False
-    started = session.scalar(select(Delivery.id).where(
-        Delivery.grant_id == grant.id, Delivery.path == entry.path, Delivery.sku == entry.sku,
-        Delivery.counted.is_(False), Delivery.started_at < grant.expires_at).limit(1))
-    return started is not None
 
 
 def is_class_entitlement(grant: UserDownload) -> bool:

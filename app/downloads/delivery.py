@@ -239,7 +239,8 @@ def _release_older_versions(session: Session, grant: UserDownload, entry: FileEn
     """The shop replaced the file: unfinished deliveries of the old version give their slot back."""
     for old in session.scalars(select(Delivery).where(
             Delivery.grant_id == grant.id, Delivery.sku == entry.sku, Delivery.path == entry.path,
-            Delivery.sha256 != entry.sha256, Delivery.counted.is_(False), Delivery.holds_slot.is_(True))):
+            Delivery.sha256 != entry.sha256, Delivery.counted.is_(False), Delivery.holds_slot.is_(True))
+            .execution_options(populate_existing=True)):
         old.holds_slot = False
         old.closed = True
         _give_slot(session, grant)

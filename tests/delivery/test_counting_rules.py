@@ -261,3 +261,48 @@ def test_concurrent_complete_downloads_count_exactly_the_limit(app):
     with app.app_context():
         assert (shop.used(), shop.held()) == (3, 0)
         assert db.session.scalar(select(func.count()).select_from(Delivery).where(Delivery.counted.is_(True))) == 3
+
+
+def test_a_copy_that_completes_after_the_shop_replaced_the_file_is_recorded_but_not_counted(app):
+    shop = open_shop(app, {"a.bin": 100 * KB}, max_downloads=1)
+    with app.app_context():
+        old_copy = shop.open("a.bin")
+        write_files(app.config["DOWNLOAD_DIR"], "BOOK", {"a.bin": 120 * KB})
+        index_files(db.session, app.config["DOWNLOAD_DIR"])
+        db.session.commit()
+        shop.close(old_copy)                               # the old version finished on its open file
+        assert shop.deliveries()[0].evidence == "transferred" and (shop.used(), shop.held()) == (0, 0)
+        shop.get("a.bin")                                  # the new version is the shopper's one download
+        assert (shop.used(), [d.counted for d in shop.deliveries()]) == (1, [False, True])
+
+
+def test_class_entitlements_ship_when_every_chosen_item_is_delivered(app):
+    from app.downloads.access import choose_entitlement
+    from app.downloads.models import FileEntry, UserDownload
+    from app.store.models import Order
+    from tests.helpers import grant_link, make_product
+
+    make_product(app, "CLASSIC1", {"one.epub": 10 * KB}, content_class="classics")
+    make_product(app, "CLASSIC2", {"two.epub": 20 * KB}, content_class="classics")
+    make_product(app, "PICK2", None, entitlement_class="classics", entitlement_count=2)
+    grant_link(app, "PICK2")
+    with app.app_context():
+        grant = db.session.scalars(select(UserDownload)).one()
+
+        def deliver(sku: str, path: str) -> None:
+            entry = db.session.scalar(select(FileEntry).where(FileEntry.sku == sku, FileEntry.path == path))
+            reservation = rules.open_request(db.session, grant, entry, start=0, length=entry.size)
+            rules.close_request(db.session, reservation, entry.size, status=200, outcome="complete",
+                                client_ip="192.0.2.1", user_agent=None, range_header=None)
+            db.session.commit()
+
+        choose_entitlement(db.session, grant, "CLASSIC1")
+        db.session.commit()
+        deliver("CLASSIC1", "one.epub")
+        assert db.session.get(Order, grant.order_id, populate_existing=True).status == "pending"  # 1 of 2 chosen
+        choose_entitlement(db.session, grant, "CLASSIC2")
+        db.session.commit()
+        deliver("CLASSIC2", "two.epub")
+        order = db.session.get(Order, grant.order_id, populate_existing=True)
+        assert (order.status, order.evidence) == ("shipped", "transferred")
+        assert db.session.get(UserDownload, grant.id, populate_existing=True).downloads_used == 2

@@ -243,3 +243,24 @@ def test_log_counts_match(app, sc):
     with app.app_context():
         total = db.session.scalar(select(func.sum(DownloadLog.bytes_sent)))
     assert total == 3 * 4900
+
+
+def test_expired_link_may_finish_a_started_delivery_within_grace(app, sc):
+    make_product(app, "BOOK", FILES)
+    link = path_of(grant_link(app, "BOOK"))
+    assert sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=0-999"}).status_code == 206
+    with app.app_context():
+        from app.downloads.models import Delivery
+
+        _grant(app).expires_at = utcnow() - timedelta(minutes=5)
+        for started in db.session.scalars(select(Delivery)):
+            started.started_at = utcnow() - timedelta(minutes=10)  # it began before the link expired
+        db.session.commit()
+    assert sc.get(link, headers=JSON).status_code == 410
+    assert sc.get(link + "f/readme.txt").status_code == 410  # never started: no grace
+    resumed = sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=1000-"})
+    assert resumed.status_code == 206 and len(resumed.data) == 4000
+    with app.app_context():
+        _grant(app).expires_at = utcnow() - timedelta(days=1)  # past the grace period
+        db.session.commit()
+    assert sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=1000-"}).status_code == 410
