@@ -69,6 +69,9 @@ def rate(urls: list[str], seconds: float = 5.0, processes: int = 2, connections:
     return sum(r[0] for r in results) / elapsed, sum(r[1] for r in results)
 
 
+statuses: dict[str, int] = {}
+
+
 async def _slow_reader(host: str, port: int, path: str, rate_bytes: int, seconds: float, got: list[int]) -> None:
     try:
         reader, writer = await asyncio.open_connection(host, port)
@@ -78,22 +81,30 @@ async def _slow_reader(host: str, port: int, path: str, rate_bytes: int, seconds
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
     total = 0
     deadline = time.monotonic() + seconds
+    status = b"none"
     try:
         while time.monotonic() < deadline:
-            chunk = await asyncio.wait_for(reader.read(rate_bytes // 10), timeout=5)
+            try:
+                chunk = await asyncio.wait_for(reader.read(rate_bytes // 10), timeout=1)
+            except asyncio.TimeoutError:
+                continue  # not served yet: keep waiting until the deadline
             if not chunk:
                 break
+            if total == 0:
+                status = chunk.split(b" ", 2)[1] if chunk.startswith(b"HTTP/") else b"?"
             total += len(chunk)
             await asyncio.sleep(0.1)
-    except (OSError, asyncio.TimeoutError):
-        pass
+    except OSError:
+        status = b"error"
     finally:
         writer.close()
     got.append(total)
+    statuses[status.decode()] = statuses.get(status.decode(), 0) + 1
 
 
-def slow_readers(urls: list[str], rate_bytes: int, seconds: float) -> list[int]:
-    """Run in a thread or process: one slow download per URL, returns the bytes each received."""
+def slow_readers(urls: list[str], rate_bytes: int, seconds: float) -> tuple[list[int], dict[str, int]]:
+    """Run in a thread or process: one slow download per URL; the bytes each received, and the
+    statuses seen ("none": no answer before the deadline)."""
     got: list[int] = []
 
     async def main() -> None:
@@ -106,7 +117,7 @@ def slow_readers(urls: list[str], rate_bytes: int, seconds: float) -> list[int]:
         await asyncio.gather(*tasks)
 
     asyncio.run(main())
-    return got
+    return got, statuses
 
 
 def latencies(url: str, count: int, headers: dict[str, str] | None = None) -> list[float]:

@@ -201,14 +201,15 @@ def main() -> int:
                 with urllib.request.urlopen(req, timeout=10) as resp:
                     assert json.load(resp)["files"]
                 lat = latencies(links["BIG"], 300, {"Accept": "application/json"})
-                got = pending.get(timeout=args.slow_seconds + 120)
+                got, statuses = pending.get(timeout=args.slow_seconds + 120)
             lat.sort()
             p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
             receiving = sum(1 for g in got if g > 100_000)
             results["listing p99"] = p99
             print(f"listing under {args.slow_clients} slow downloads (100 KB/s each): p50 {ms(p50)}, p99 {ms(p99)}, "
                   f"max {ms(lat[-1])}; {receiving}/{len(got)} downloads were receiving "
-                  f"(median {statistics.median(got) / 1e6:.2f} MB in {args.slow_seconds:.0f} s)", flush=True)
+                  f"(median {statistics.median(got) / 1e6:.2f} MB in {args.slow_seconds:.0f} s; statuses {statuses})",
+                  flush=True)
         print(json.dumps({k: round(v, 4) for k, v in results.items()}))
     finally:
         for server in servers:

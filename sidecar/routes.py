@@ -89,7 +89,8 @@ def _file_request(receipt: str, name: str) -> FileRequest:
         db.session.rollback()
         if isinstance(refusal, FileNotFound):
             log.warning("refused path %r from %s", name, client_address())
-        delivery.log_request(db.session, grant, name[:1024], status=refusal.status, outcome="refused",
+        shown = name.replace("\0", "\\0")[:1024]  # PostgreSQL text cannot hold NUL
+        delivery.log_request(db.session, grant, shown, status=refusal.status, outcome="refused",
                              client_ip=client_address(), user_agent=request.user_agent.string,
                              range_header=request.headers.get("Range"), method=request.method)
         db.session.commit()

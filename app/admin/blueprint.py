@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import wraps
 from typing import Callable
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, current_app, flash, redirect, render_template, request
 from flask_login import current_user, login_required
 
 from app.downloads.errors import InvalidInput
@@ -55,10 +55,6 @@ def refuse(exc: InvalidInput, back: str):
     db.session.rollback()
     flash(exc.message, "error")
     return redirect(back)
-
-
-def back_to(endpoint: str, **values) -> str:
-    return url_for(endpoint, **values)
 
 
 @bp.app_template_filter("admin_size")

@@ -37,6 +37,8 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
     *continues* it: the new delivery inherits its coverage and its slot (no second count);
   - a newer version of the file (the shop replaced it) releases unfinished deliveries of older ones,
     and a delivery that completes after its version was replaced is recorded but not counted;
+  - an unfinished delivery that carried only scanner-sized bytes gives its slot back as soon as its
+    last request ends (a resume takes one again);
   - when a grant has no slot left and a new delivery is asked for, an unfinished delivery of the same
     grant that is idle for ``DELIVERY_STALE_SECONDS`` or carried only scanner-sized bytes
     (< ``SCANNER_BYTES``, nothing in flight) gives its slot to the new one; ``release_stale_deliveries``
@@ -340,6 +342,11 @@ def close_request(session: Session, reservation: Reservation, bytes_sent: int, *
         elif delivery.holds_slot:  # replaced by the shop while on its way: the shopper fetches the new one
             delivery.holds_slot = False
             _give_slot(session, session.get(UserDownload, reservation.grant_id))
+    elif (delivery.holds_slot and _unfinished(delivery) and delivery.covered_bytes < SCANNER_BYTES
+          and not _live_in_flight(delivery, now)):
+        # A peek (scanner, preview, a download manager's surplus connection) holds no slot once it ends.
+        delivery.holds_slot = False
+        _give_slot(session, session.get(UserDownload, reservation.grant_id))
     session.flush()
     if finished_now:
         grant = session.get(UserDownload, reservation.grant_id)

@@ -51,6 +51,7 @@ class PurgeReport:
     packages: list[str] = field(default_factory=list)
     log_rows: int = 0
     log_cutoff: datetime | None = None
+    slots_released: int | None = None
     outbox_sent: int | None = None
     outbox_waiting: int = 0
     notes: list[str] = field(default_factory=list)
@@ -72,6 +73,8 @@ class PurgeReport:
         if self.log_cutoff is not None:
             out.append(f"{verb('prune', 'pruned')} {self.log_rows} download-log row(s) "
                        f"before {self.log_cutoff:%Y-%m-%d}")
+        if self.slots_released is not None:
+            out.append(f"released {self.slots_released} download slot(s) held by idle unfinished deliveries")
         if self.dry_run:
             out.append(f"would retry {self.outbox_waiting} unsent email(s)")
         elif self.outbox_sent is None:
@@ -104,21 +107,26 @@ def _describe_expired(session: Session, cutoff: datetime, limit: int) -> list[st
 
 
 def expire_grants(session: Session, cutoff: datetime, *, symlink_dir: str | Path | None,
-                  commit: bool = True, batch: int = BATCH) -> tuple[int, list[str]]:
+                  commit: bool = True, batch: int = BATCH, only_linked: bool = False) -> tuple[int, list[str]]:
     """Mark grants past ``cutoff`` expired, batch by batch; remove their symlink folders.
+
+    ``only_linked`` (the watcher, every few seconds) looks only at grants that own a symlink folder,
+    found through the symlink_token index however many expired grants history holds.
 
     Returns (grants expired, symlink folders removed). Each batch is one short transaction: the
     commit comes before the folders go, so a crash in between leaves orphans that
     ``remove_orphan_links`` sweeps, never a live grant without its folder.
     """
-    span = session.execute(select(func.min(UserDownload.id), func.max(UserDownload.id))
-                           .where(_expired_condition(cutoff))).one()
+    due = _expired_condition(cutoff)
+    if only_linked:
+        due = and_(due, UserDownload.symlink_token.is_not(None))
+    span = session.execute(select(func.min(UserDownload.id), func.max(UserDownload.id)).where(due)).one()
     if span[0] is None:
         return 0, []
     expired, removed = 0, []
     low, high = span
     while low <= high:
-        in_batch = and_(UserDownload.id >= low, UserDownload.id < low + batch, _expired_condition(cutoff))
+        in_batch = and_(UserDownload.id >= low, UserDownload.id < low + batch, due)
         tokens = list(session.scalars(select(UserDownload.symlink_token)
                                       .where(in_batch, UserDownload.symlink_token.is_not(None))))
         if tokens:  # only rows that own a folder pay for the extra column write
@@ -200,6 +208,12 @@ def _packages_purger() -> Callable | None:
     return purge_expired_packages
 
 
+def _stale_slot_releaser() -> Callable | None:
+    from app.downloads import delivery
+
+    return getattr(delivery, "release_stale_deliveries", None)
+
+
 def _outbox_flusher() -> Callable | None:
     try:
         from app.mail import flush_outbox
@@ -246,6 +260,12 @@ def purge(session: Session, now: datetime, *, dry_run: bool, download_dir: str |
                                              .where(DownloadLog.at < report.log_cutoff)) or 0
         else:
             report.log_rows = prune_download_log(session, report.log_cutoff)
+
+    release = _stale_slot_releaser()
+    if release is not None and not dry_run:
+        # Unfinished deliveries idle too long give their download slot back (the delivery rules decide).
+        report.slots_released = release(session, now)
+        session.commit()
 
     report.outbox_waiting = unsent_emails(session)
     flush = _outbox_flusher()

@@ -204,6 +204,9 @@ def _add_member(archive: zipfile.ZipFile, arcname: str, source: Path) -> None:
 def build_zip(session: Session, download_dir: str | Path, package: Package) -> BuildResult:
     """(Re)build the package's ZIP from its files and register it in the index.
 
+    Callers change ``package.files`` without flushing: nothing is written to the database until the ZIP
+    is on disk, so a long build never holds a write lock.
+
     No files: no ZIP (an existing one is removed). On failure the old ZIP stays and the error is
     recorded on the package (``build_error``) and returned.
     """
@@ -220,7 +223,10 @@ def build_zip(session: Session, download_dir: str | Path, package: Package) -> B
         package.build_error = f"ZIP not rebuilt, the previous one is kept: {exc}"
         session.flush()
         return BuildResult(False, package.build_error)
-    index_one(session, download_dir, PACKAGES_SKU, target.name)
+    # No autoflush while the new ZIP is hashed: on SQLite a pending write would hold the database's write
+    # lock for the whole hash, and the sidecar's download log would wait behind it.
+    with session.no_autoflush:
+        index_one(session, download_dir, PACKAGES_SKU, target.name)
     package.built_at, package.build_error = utcnow(), None
     session.flush()
     return BuildResult(True)
@@ -236,7 +242,6 @@ def add_files(session: Session, download_dir: str | Path, package: Package, file
         if entry.registered_path not in present:
             package.files.append(PackageFile(file_path=entry.registered_path))
             present.add(entry.registered_path)
-    session.flush()
     return build_zip(session, download_dir, package)
 
 
@@ -250,7 +255,6 @@ def remove_files(session: Session, download_dir: str | Path, package: Package, f
         raise InvalidInput(f"{unknown[0]} is not in package {package.name}")
     for f in dict.fromkeys(f.strip() for f in files):
         package.files.remove(by_path[f])
-    session.flush()
     return build_zip(session, download_dir, package)
 
 

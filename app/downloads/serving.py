@@ -20,6 +20,7 @@ from werkzeug.http import http_date
 from flask import Flask, Response, current_app
 
 from app.downloads import delivery
+from app.downloads.errors import DeliveryRefused
 from app.downloads.models import FileEntry, UserDownload
 from app.downloads.ranges import ByteRange, Plan, evaluate
 from app.extensions import db
@@ -191,6 +192,11 @@ class PipeDelivery:
             reservation = delivery.open_request(db.session, req.grant, req.entry, start=part.start,
                                                 length=part.length, method=req.method)
             db.session.commit()  # concurrent requests must see this reservation
+        except DeliveryRefused as refusal:  # e.g. the limit is used up: logged, nothing sent
+            fh.close()
+            db.session.rollback()
+            _log_only(req, refusal.status, "refused")
+            raise
         except BaseException:
             fh.close()
             db.session.rollback()

@@ -76,12 +76,14 @@ class _Queue(FileSystemEventHandler):
         self.files: dict[tuple[str, str], Pending] = {}
         self.rescan = False  # a folder moved or went away: a full index pass marks its files missing
 
-    def add(self, path: str | bytes) -> None:
+    def add(self, path: str | bytes, *, unless_pending: bool = False) -> None:
         key = product_file(self.download_dir, path)
         if key is None:
             return
         sig = maintenance.file_signature(self.download_dir / key[0] / key[1])
         with self.lock:
+            if unless_pending and key in self.files:
+                return  # a re-hash noticing a change must not restart an event's quiet period
             self.files[key] = Pending(time.monotonic(), sig)
 
     def add_tree(self, folder: str | bytes) -> None:
@@ -210,6 +212,11 @@ class Watcher:
             self._full_pass("a folder moved or was removed")
         for sku, rel in self.queue.due(self.quiet):
             signature = maintenance.file_signature(self.download_dir / sku / rel)
+            if signature is not None and self._already_indexed(sku, rel, signature):
+                # Same rule as `softgoods index`: size and mtime decide. An in-place write that put the
+                # old mtime back is exactly what the re-hash must flag, not bless as the new content.
+                self.queue.done((sku, rel), signature)
+                continue
             try:
                 entry = index_one(db.session, self.download_dir, sku, rel)
                 db.session.commit()
@@ -236,9 +243,15 @@ class Watcher:
                 self.indexed.append(f"{sku}/{rel}")
                 self.echo(f"indexed  {sku}/{rel} {entry.size} bytes sha256 {entry.sha256}")
 
+    def _already_indexed(self, sku: str, rel: str, signature: tuple[int, int]) -> bool:
+        recorded = db.session.execute(select(FileEntry.size, FileEntry.mtime_ns, FileEntry.missing)
+                                      .where(FileEntry.sku == sku, FileEntry.path == rel)).first()
+        return recorded is not None and not recorded.missing and (recorded.size, recorded.mtime_ns) == signature
+
     def _expire(self) -> None:
         cutoff = maintenance.expiry_cutoff(utcnow(), self.grace)
-        count, folders = maintenance.expire_grants(db.session, cutoff, symlink_dir=self.symlink_dir)
+        count, folders = maintenance.expire_grants(db.session, cutoff, symlink_dir=self.symlink_dir,
+                                                       only_linked=True)
         if count:
             self.echo(f"expired {count} grant(s), removed {len(folders)} symlink folder(s)")
 
@@ -284,7 +297,7 @@ class Watcher:
         recorded = (size, mtime_ns)
         if maintenance.file_signature(full) != recorded:
             if sku != PACKAGES_SKU:
-                self.queue.add(str(full))  # changed or gone the ordinary way: re-index, do not flag
+                self.queue.add(str(full), unless_pending=True)  # changed or gone the ordinary way: re-index, do not flag
             self._mark_verified(entry_id, sha256, None)
             return True
         digest = self._hash(full, stop)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 13:02:53.271575
+Create Date: 2026-11-23 13:28:48.997882
 
 """
 from alembic import op
@@ -195,7 +195,8 @@ def upgrade():
     sa.ForeignKeyConstraint(['order_item_id'], ['order_items.id'], name=op.f('fk_user_downloads_order_item_id_order_items'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['product_id'], ['products.id'], name=op.f('fk_user_downloads_product_id_products'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_user_downloads')),
-    sa.UniqueConstraint('symlink_token', name=op.f('uq_user_downloads_symlink_token'))
+    sa.UniqueConstraint('symlink_token', name=op.f('uq_user_downloads_symlink_token')),
+    info={'postgresql_fillfactor': 50}
     )
     with op.batch_alter_table('user_downloads', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_user_downloads_expires_at'), ['expires_at'], unique=False)

@@ -65,17 +65,20 @@ def test_head_and_scanner_requests_never_use_up_a_download(app):
                           user_agent="Scanner", method="HEAD")
         db.session.commit()
         shop.get("a.bin", 0, 2 * KB, ip="203.0.113.9")    # a mail scanner peeks at the first bytes
-        assert (shop.used(), shop.grant().downloads_left) == (0, 1)
+        assert (shop.used(), shop.held(), shop.grant().downloads_left) == (0, 0, 1)
         shop.get("a.bin")                                  # the shopper's download continues that delivery
         (d,) = shop.deliveries()
         assert (d.counted, shop.used()) == (True, 1)
 
 
-def test_scanner_sized_delivery_gives_its_slot_to_another_file(app):
+def test_a_scanner_sized_delivery_holds_a_slot_only_while_it_reads(app):
     shop = open_shop(app, {"a.bin": 300 * KB, "b.bin": 300 * KB}, max_downloads=1)
     with app.app_context():
-        shop.get("a.bin", 0, 4 * KB)                       # scanner: holds the only slot for now
-        shop.get("b.bin")                                  # the shopper's real download takes it over
+        scanner = shop.open("a.bin", 0, 4 * KB)            # scanner: holds the only slot while it reads
+        with pytest.raises(DownloadsExhausted):
+            shop.open("b.bin")
+        shop.close(scanner)                                # ... and gives it back when it ends
+        shop.get("b.bin")                                  # the shopper's real download
         assert (shop.used(), shop.held()) == (1, 0)
         with pytest.raises(DownloadsExhausted):
             shop.open("a.bin")                             # a.bin lost its slot: resuming needs one

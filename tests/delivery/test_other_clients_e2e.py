@@ -44,13 +44,14 @@ def grant_state(app, link: str) -> tuple[int, int, list[tuple[str | None, bool]]
         return grant.downloads_used, grant.downloads_held, [(d.evidence, d.counted) for d in deliveries]
 
 
-def settled_state(app, link: str, expected: tuple, timeout: float = 10.0) -> tuple:
+def settled_state(app, link: str, expected, timeout: float = 10.0) -> tuple:
     """The grant's state once the sidecar has recorded the end of every response (that happens just
     after the last byte left, so a client may exit a moment before)."""
     deadline = time.monotonic() + timeout
     while True:
         state = grant_state(app, link)
-        if state == expected or time.monotonic() > deadline:
+        done = expected(state) if callable(expected) else state == expected
+        if done or time.monotonic() > deadline:
             return state
         time.sleep(0.05)
 
@@ -77,7 +78,9 @@ def test_curl_wget_and_aria2c_count_once_by_coverage(app, served, tmp_path):
     for path in (tmp_path / "curl.iso", tmp_path / "wget" / "big.iso", tmp_path / "aria" / "big.iso"):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == expected, path
     for link in (curl_link, wget_link, aria_link):
-        assert settled_state(app, link, (1, 0, [("transferred", True)])) == (1, 0, [("transferred", True)]), link
+        used, held, deliveries = settled_state(app, link, lambda s: s[:2] == (1, 0) and ("transferred", True) in s[2])
+        # aria2c may open a surplus segment after the first connection got everything: a peek, not counted
+        assert (used, held, [d for d in deliveries if d[1]]) == (1, 0, [("transferred", True)]), link
 
 
 @pytest.mark.backends("sqlite")
@@ -87,7 +90,7 @@ def test_head_scanners_resumed_parts_and_parallel_segments(app, served, tmp_path
     run("curl", "-sfI", url)                                                  # HEAD
     run("curl", "-sf", "-o", "/dev/null", "-A", "LinkScanner/1.0", link)      # a scanner opens the page
     run("curl", "-sf", "-o", "/dev/null", "-r", "0-1023", url)                # ... and peeks at the file
-    assert settled_state(app, link, (0, 1, [(None, False)])) == (0, 1, [(None, False)])  # held, not used
+    assert settled_state(app, link, (0, 0, [(None, False)])) == (0, 0, [(None, False)])  # a peek holds no slot
     for part, byte_range in enumerate(["0-999999", "1000000-1999999", "2000000-"]):  # 3 resumed parts
         run("curl", "-sf", "-o", str(tmp_path / f"part{part}"), "-r", byte_range, url)
     assert settled_state(app, link, (1, 0, [("transferred", True)])) == (1, 0, [("transferred", True)])

@@ -191,11 +191,24 @@ def test_every_file_request_is_logged(app, sc):
     sc.get(link + "f/readme.txt", headers={"Range": "bytes=0-3"})
     sc.head(link + "f/readme.txt")
     sc.get(link + "f/../secret")
+    sc.get(link + "f/readme%00.txt")
     with app.app_context():
         rows = db.session.scalars(select(DownloadLog).order_by(DownloadLog.id)).all()
     assert [(r.status, r.outcome, r.bytes_sent) for r in rows] == [
-        (200, "complete", 13), (206, "complete", 4), (200, "head", 0), (404, "refused", 0)]
+        (200, "complete", 13), (206, "complete", 4), (200, "head", 0), (404, "refused", 0), (404, "refused", 0)]
     assert rows[1].range_header == "bytes=0-3" and rows[3].path == "../secret"
+    assert rows[4].path == "readme\\0.txt"
+
+
+def test_a_refused_new_delivery_is_logged_and_sends_nothing(app, sc):
+    make_product(app, "BOOK", FILES)
+    link = path_of(grant_link(app, "BOOK", max_downloads=1))
+    assert sc.get(link + "f/readme.txt").data == FILES["readme.txt"]
+    refused = sc.get(link + "f/ch1/intro.pdf", headers=JSON)
+    assert refused.status_code == 403 and "used" in refused.get_json()["error"]
+    with app.app_context():
+        last = db.session.scalars(select(DownloadLog).order_by(DownloadLog.id.desc())).first()
+    assert (last.path, last.status, last.outcome, last.bytes_sent) == ("ch1/intro.pdf", 403, "refused", 0)
 
 
 def test_healthz_and_metrics(app, sc, sidecar_app, tmp_path):

@@ -1,0 +1,256 @@
+"""Delivery evidence from nginx's access log (``softgoods ingest-nginx-log PATH``).
+
+In ``accel`` and ``symlink`` modes nginx sends the bytes, so the sidecar only sees the hand-off;
+nginx's log line is the evidence. The log format is the ``softgoods`` one shipped in
+``deploy/nginx-sidecar.conf`` (tab-separated; nginx escapes tabs inside values as ``\\x09``)::
+
+    $time_iso8601 $remote_addr $request_method $request_uri $status $bytes_sent $body_bytes_sent
+    $request_completion $http_range $sent_http_content_range $request_time
+    $connection-$connection_requests $http_user_agent
+
+Which lines are deliveries by nginx:
+- ``/links/<token>/<name>`` (symlink mode): always; the token names the grant (``symlink_token``).
+- ``/d/<receipt>/f/<name>`` (accel mode): only when this installation runs ``SOFTGOODS_DELIVERY=accel``;
+  in pipe mode the sidecar itself sent and recorded those bytes.
+GET with status 200 or 206 only; HEAD, refusals and Metalinks are not deliveries.
+
+Each line goes through the same rules as a piped request (``delivery.open_request`` at the time the
+request started, ``close_request`` with ``$body_bytes_sent``), so the evidence is the same. A line
+counts **exactly once**: its SHA-256 is the ``DownloadLog.source_key`` (unique), so re-reading a log,
+a rotated copy (``access.log.1``, ``.gz``) or two ingesters at once never records it twice. The
+line's own content (time, connection serial and request number) makes it unique; the file's inode
+is left out on purpose, so copy-and-truncate rotation does not make old lines new.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import unquote
+
+from flask import current_app
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.downloads import delivery
+from app.downloads.access import find_file
+from app.downloads.errors import DeliveryRefused
+from app.downloads.models import DownloadLog, FileEntry, UserDownload
+from app.downloads.receipts import key_matches, read_receipt
+
+FIELDS = ("time", "remote_addr", "method", "request_uri", "status", "bytes_sent", "body_bytes_sent",
+          "completion", "http_range", "content_range", "request_time", "connection", "user_agent")
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+ACCEL_URI = re.compile(r"^/d/([^/?]+)/f/([^?]+)")
+COMMIT_EVERY = 500
+
+
+class LogFormatError(ValueError):
+    """The file is not an access log in the softgoods format."""
+
+
+@dataclass
+class LogLine:
+    raw: str
+    at: datetime  # when nginx finished the request
+    started: datetime
+    remote_addr: str
+    method: str
+    uri: str
+    status: int
+    body_bytes: int
+    complete: bool
+    http_range: str | None
+    content_range: str | None
+    user_agent: str | None
+
+    @property
+    def source_key(self) -> str:
+        return "nginx:" + hashlib.sha256(self.raw.encode()).hexdigest()
+
+
+def _dash(value: str) -> str | None:
+    return None if value in ("", "-") else value
+
+
+def _unescape(value: str) -> str:
+    """nginx writes bytes outside printable ASCII (and quotes, backslashes) as \\xXX."""
+    return re.sub(r"\\x([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def parse_line(raw: str) -> LogLine | None:
+    """One line in the softgoods format, or None when it is not one."""
+    parts = raw.rstrip("\n").split("\t")
+    if len(parts) != len(FIELDS):
+        return None
+    f = dict(zip(FIELDS, parts))
+    try:
+        at = datetime.fromisoformat(f["time"]).astimezone(timezone.utc)
+        took = float(f["request_time"]) if _dash(f["request_time"]) else 0.0
+        return LogLine(raw=raw.rstrip("\n"), at=at, started=at - timedelta(seconds=took),
+                       remote_addr=f["remote_addr"], method=f["method"], uri=f["request_uri"],
+                       status=int(f["status"]), body_bytes=int(f["body_bytes_sent"]),
+                       complete=f["completion"] == "OK", http_range=_dash(_unescape(f["http_range"])),
+                       content_range=_dash(f["content_range"]),
+                       user_agent=_dash(_unescape(f["user_agent"])))
+    except ValueError:
+        return None
+
+
+def read_lines(path: str | Path) -> Iterator[str]:
+    """Complete lines only: nginx may be half-way through the last one (it is read next time)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as fh:
+        for raw in fh:
+            if raw.endswith("\n"):
+                yield raw
+
+
+@dataclass
+class IngestReport:
+    lines: int = 0
+    recorded: int = 0
+    already: int = 0
+    not_deliveries: int = 0
+    unmatched: int = 0
+    malformed: int = 0
+    partial: int = 0
+    refused: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"nginx log: {self.lines} line(s), {self.recorded} delivery request(s) recorded, "
+                f"{self.already} already recorded, {self.not_deliveries} not deliveries by nginx, "
+                f"{self.unmatched} matching no grant or file, {self.malformed} not in the softgoods format")
+
+
+def resolve(session: Session, line: LogLine, *, secret: str, accel: bool) -> tuple[UserDownload, FileEntry] | None:
+    """The grant and index entry a served URI belongs to, or None."""
+    path = line.uri.split("?", 1)[0]
+    grant = None
+    if path.startswith("/links/"):  # symlink mode: /links/<token>/<name>
+        token, _, name = path[len("/links/"):].partition("/")
+        if token and name:
+            grant = session.scalar(select(UserDownload).where(UserDownload.symlink_token == token))
+    elif accel and (m := ACCEL_URI.match(path)):
+        try:
+            receipt = read_receipt(secret, unquote(m.group(1)))
+        except DeliveryRefused:
+            return None
+        candidate = session.get(UserDownload, receipt.grant_id)
+        if candidate is not None and key_matches(receipt.key, candidate.key_hash):
+            grant, name = candidate, m.group(2)
+    if grant is None:
+        return None
+    try:
+        return grant, find_file(session, grant, unquote(name))
+    except DeliveryRefused:
+        return None
+
+
+def _served_span(line: LogLine, entry: FileEntry) -> tuple[int, int] | None:
+    """(start, length) of the bytes the response carried; None for multipart answers."""
+    if line.status == 200:
+        return 0, entry.size
+    m = CONTENT_RANGE.fullmatch(line.content_range or "")
+    if not m:
+        return None
+    start, end = int(m.group(1)), int(m.group(2))
+    return start, end - start + 1
+
+
+def _log_rows(session: Session) -> list[DownloadLog]:
+    return [o for o in [*session.identity_map.values(), *session.new] if isinstance(o, DownloadLog)]
+
+
+def _tag_new_rows(session: Session, before: set[int], key: str) -> None:
+    """Mark the log row the delivery rules just wrote as nginx's, with the line's key (unique).
+
+    The rules write their own row (``close_request``/``log_request``); tagging it here keeps their
+    signatures as the sidecar uses them."""
+    for obj in _log_rows(session):
+        if id(obj) not in before and obj.source_key is None:
+            obj.source, obj.source_key = "nginx", key
+    session.flush()
+
+
+def record_line(session: Session, line: LogLine, grant: UserDownload, entry: FileEntry) -> str:
+    """Run one served request through the delivery rules; returns the outcome written."""
+    span = _served_span(line, entry)
+    outcome = "complete" if line.complete else "aborted"
+    before = {id(o) for o in _log_rows(session)}
+    if span is None:
+        delivery.log_request(session, grant, entry.path, status=line.status, outcome="multipart",
+                             client_ip=line.remote_addr, user_agent=line.user_agent,
+                             range_header=line.http_range, now=line.at)
+        outcome = "multipart"
+    else:
+        start, length = span
+        try:
+            reservation = delivery.open_request(session, grant, entry, start=start, length=length,
+                                                method=line.method, now=line.started)
+        except DeliveryRefused as refusal:
+            # nginx sent the bytes already; the record says the rules would not have counted them.
+            outcome = f"refused-{refusal.status}"
+            delivery.log_request(session, grant, entry.path, status=line.status, outcome=outcome,
+                                 client_ip=line.remote_addr, user_agent=line.user_agent,
+                                 range_header=line.http_range, now=line.at)
+        else:
+            delivery.close_request(session, reservation, min(line.body_bytes, length), status=line.status,
+                                   outcome=outcome, client_ip=line.remote_addr, user_agent=line.user_agent,
+                                   range_header=line.http_range, now=line.at)
+    _tag_new_rows(session, before, line.source_key)
+    return outcome
+
+
+def ingest_log(session: Session, path: str | Path, *, accel: bool | None = None,
+               secret: str | None = None) -> IngestReport:
+    """Record every nginx delivery in the log at ``path`` that is not recorded yet. Commits in batches."""
+    cfg = current_app.config
+    accel = cfg["DELIVERY"] == "accel" if accel is None else accel
+    secret = secret or cfg["SECRET_KEY"]
+    report = IngestReport()
+    pending = 0
+    for raw in read_lines(path):
+        report.lines += 1
+        line = parse_line(raw)
+        if line is None:
+            report.malformed += 1
+            if report.malformed == report.lines and report.lines >= 3:
+                raise LogFormatError(f"{path} is not an access log in the softgoods format "
+                                     f"(log_format softgoods in deploy/nginx-sidecar.conf)")
+            continue
+        if line.method != "GET" or line.status not in (200, 206):
+            report.not_deliveries += 1
+            continue
+        if session.scalar(select(DownloadLog.id).where(DownloadLog.source_key == line.source_key)):
+            report.already += 1
+            continue
+        found = resolve(session, line, secret=secret, accel=accel)
+        if found is None:
+            if line.uri.startswith("/links/") or (accel and line.uri.startswith("/d/")):
+                report.unmatched += 1
+            else:
+                report.not_deliveries += 1
+            continue
+        try:
+            with session.begin_nested():
+                outcome = record_line(session, line, *found)
+        except IntegrityError:  # another ingester recorded this line a moment ago
+            report.already += 1
+            continue
+        report.recorded += 1
+        if outcome.startswith("refused"):
+            report.refused.append(f"{line.uri[:80]}: {outcome}")
+        pending += 1
+        if pending >= COMMIT_EVERY:
+            session.commit()
+            pending = 0
+    if report.lines and report.malformed == report.lines:
+        raise LogFormatError(f"{path} is not an access log in the softgoods format "
+                             f"(log_format softgoods in deploy/nginx-sidecar.conf)")
+    return report
