@@ -33,7 +33,7 @@ from typing import Iterator
 from urllib.parse import unquote
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -163,26 +163,37 @@ def _served_span(line: LogLine, entry: FileEntry) -> tuple[int, int] | None:
     return start, end - start + 1
 
 
-def _log_rows(session: Session) -> list[DownloadLog]:
-    return [o for o in [*session.identity_map.values(), *session.new] if isinstance(o, DownloadLog)]
+SOURCE_INFO = "softgoods.log_source"
 
 
-def _tag_new_rows(session: Session, before: set[int], key: str) -> None:
-    """Mark the log row the delivery rules just wrote as nginx's, with the line's key (unique).
+@event.listens_for(Session, "before_flush")
+def _tag_log_rows(session: Session, _context, _instances) -> None:
+    """While ``record_line`` runs, the log rows the delivery rules write are nginx's, keyed by the line.
 
     The rules write their own row (``close_request``/``log_request``); tagging it here keeps their
-    signatures as the sidecar uses them."""
-    for obj in _log_rows(session):
-        if id(obj) not in before and obj.source_key is None:
-            obj.source, obj.source_key = "nginx", key
-    session.flush()
+    signatures as the sidecar uses them. The key is unique: a line recorded twice fails to flush."""
+    source = session.info.get(SOURCE_INFO)
+    if source is None:
+        return
+    for obj in session.new:
+        if isinstance(obj, DownloadLog) and obj.source_key is None:
+            obj.source, obj.source_key = source
 
 
 def record_line(session: Session, line: LogLine, grant: UserDownload, entry: FileEntry) -> str:
     """Run one served request through the delivery rules; returns the outcome written."""
-    span = _served_span(line, entry)
+    session.info[SOURCE_INFO] = ("nginx", line.source_key)
+    try:
+        outcome = _apply_rules(session, line, grant, entry)
+        session.flush()
+    finally:
+        session.info.pop(SOURCE_INFO, None)
+    return outcome
+
+
+def _apply_rules(session: Session, line: LogLine, grant: UserDownload, entry: FileEntry) -> str:
     outcome = "complete" if line.complete else "aborted"
-    before = {id(o) for o in _log_rows(session)}
+    span = _served_span(line, entry)
     if span is None:
         delivery.log_request(session, grant, entry.path, status=line.status, outcome="multipart",
                              client_ip=line.remote_addr, user_agent=line.user_agent,
@@ -203,7 +214,6 @@ def record_line(session: Session, line: LogLine, grant: UserDownload, entry: Fil
             delivery.close_request(session, reservation, min(line.body_bytes, length), status=line.status,
                                    outcome=outcome, client_ip=line.remote_addr, user_agent=line.user_agent,
                                    range_header=line.http_range, now=line.at)
-    _tag_new_rows(session, before, line.source_key)
     return outcome
 
 

@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.downloads.errors import InvalidInput
+from app.store.catalog import for_sale
 from app.store.models import Product
 from app.store.orders import MAX_QUANTITY, Line
 
@@ -25,7 +26,7 @@ def parse_quantity(text: str | int | None) -> int:
 
 def product_for_sale(session: Session, sku: str) -> Product:
     product = session.scalar(select(Product).where(Product.sku == (sku or ""), Product.active))
-    if product is None:
+    if product is None or not for_sale(product):
         raise InvalidInput(f"there is no product {sku!r} for sale", status=422)
     return product
 
@@ -62,7 +63,7 @@ def cart_lines(session: Session, cart: dict[str, int]) -> list[Line]:
     products = session.scalars(select(Product).where(Product.sku.in_(list(cart)), Product.active)
                                .order_by(Product.name, Product.sku)).all()
     return [Line(p, int(cart[p.sku])) for p in products if isinstance(cart.get(p.sku), int)
-            and 1 <= cart[p.sku] <= MAX_QUANTITY]
+            and 1 <= cart[p.sku] <= MAX_QUANTITY and for_sale(p)]
 
 
 def lines_total(lines: list[Line]) -> int:

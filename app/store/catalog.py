@@ -8,9 +8,15 @@ from sqlalchemy.orm import Session
 
 from app.downloads.errors import InvalidInput
 from app.downloads.models import Package
+from app.downloads.packages import on_sale
 from app.store.models import SKU_PATTERN, Product
 
 MAX_PRICE_CENTS = 100_000_000  # one million in the shop's currency
+
+
+def for_sale(product: Product) -> bool:
+    """Shown and sold: active, and a sold package still within its lifetime and expiry."""
+    return product.active and (product.package is None or on_sale(product.package))
 
 
 def parse_price(text: str | int | Decimal) -> int:

@@ -16,6 +16,7 @@ from app.downloads.models import FileEntry
 from app.extensions import client_address, db, limiter
 from app.mail import deliver, order_links
 from app.store import cart as cart_rules
+from app.store.catalog import for_sale
 from app.store.checkout import after_race, check_token, checkout, new_checkout_token
 from app.store.models import Order, Product, format_money
 from app.store.payments import gateway_for, read_card
@@ -55,13 +56,13 @@ def cart_badge() -> dict:
 @bp.get("/")
 def catalog():
     products = db.session.scalars(select(Product).where(Product.active).order_by(Product.name)).all()
-    return render_template("store/catalog.html", products=products)
+    return render_template("store/catalog.html", products=[p for p in products if for_sale(p)])
 
 
 @bp.get("/p/<sku>")
 def product(sku: str):
     item = db.session.scalar(select(Product).where(Product.sku == sku, Product.active))
-    if item is None:
+    if item is None or not for_sale(item):
         abort(404, description=f"There is no product {sku!r} in this shop.")
     files = db.session.scalars(select(FileEntry).where(FileEntry.sku == item.sku, FileEntry.missing.is_(False))
                                .order_by(FileEntry.path)).all()

@@ -482,6 +482,14 @@ class FileJob:
             raise FileChanged("the server sent the whole file instead of the missing part")
         if response.status not in (200, 206):
             raise FetchError(_error_text(response) + f" ({self.info['path']}: {response.status})")
+        if response.status == 206:
+            match = re.match(r"bytes (\d+)-(\d+)/(\d+)", response.getheader("Content-Range") or "")
+            if not match or int(match.group(1)) != self.cursor or int(match.group(3)) != self.size:
+                self.reset()
+                raise FileChanged("the server sent another part, or another size, than asked for")
+        elif response.length is not None and response.length != self.size:
+            self.reset()
+            raise FileChanged("the server is sending a file of another size than it listed")
         digest = response.getheader("Repr-Digest") or ""
         match = re.search(r"sha-256=:([A-Za-z0-9+/=]+):", digest)
         if match and b64decode(match.group(1)).hex() != self.sha256:

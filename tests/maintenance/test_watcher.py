@@ -7,59 +7,21 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from sqlalchemy import select
 
 from app.downloads.models import AuditEntry, FileEntry, UserDownload
-from app.downloads.watcher import Watcher, product_file
+from app.downloads.watcher import product_file
 from app.extensions import db
 from app.timeutil import utcnow
 from tests.helpers import ROOT, grant_link, make_product
+from tests.maintenance.conftest import eventually
 
 FAST = dict(WATCH_DEBOUNCE_MS=300, WATCH_EXPIRY_SECONDS=1, REHASH_BYTES_PER_SECOND=0)
-
-
-def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"{what} did not happen within {timeout:.0f} s")
-
-
-@pytest.fixture
-def watching(app):
-    """Start the watcher in a thread of this process (stopped by the fixture); returns (watcher, lines)."""
-    running = []
-
-    def start() -> tuple[Watcher, list[str]]:
-        lines: list[str] = []
-        watcher = Watcher(app, echo=lines.append)
-        stop = threading.Event()
-        thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-        thread.start()
-        running.append((stop, thread))
-        eventually(lambda: any(line.startswith("watching") for line in lines), what="watcher start")
-        return watcher, lines
-
-    def stop_all() -> None:
-        for stop, thread in running:
-            stop.set()
-            thread.join(15)
-            assert not thread.is_alive(), "the watcher did not stop"
-        running.clear()
-
-    start.stop_all = stop_all
-    yield start
-    stop_all()
 
 
 def entry(app, sku: str, path: str) -> FileEntry | None:

@@ -100,3 +100,30 @@ def test_a_withdrawn_product_drops_out_of_the_cart(shop, client):
         db.session.commit()
     page = client.get("/cart")
     assert "The Book" not in page.text and "$0.10" in page.text
+
+
+def test_a_package_past_its_lifetime_is_no_longer_sold(app, client):
+    from datetime import timedelta
+
+    from app.downloads.packages import add_files, create_package
+    from app.extensions import db
+    from app.timeutil import utcnow
+
+    make_product(app, "KIT", {"a.bin": 1000})
+    with app.app_context():
+        package = create_package(db.session, "P1", lifetime_days=30)
+        add_files(db.session, app.config["DOWNLOAD_DIR"], package, ["KIT/a.bin"])
+        db.session.commit()
+    make_product(app, "PKG", name="Package product", package_name="P1")
+    assert "Package product" in client.get("/").text
+    assert add_to_cart(client, "PKG", 1).status_code == 303
+    with app.app_context():
+        from app.downloads.models import Package
+        package = db.session.scalar(db.select(Package))
+        package.created_at = utcnow() - timedelta(days=31)
+        db.session.commit()
+    assert "Package product" not in client.get("/").text
+    assert client.get("/p/PKG").status_code == 404
+    assert "Package product" not in client.get("/cart").text
+    refused = add_to_cart(client, "PKG", 1)
+    assert refused.status_code == 422 and "PKG" in error_text(refused.text)
