@@ -12,6 +12,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from app.downloads.errors import InvalidInput
+from app.downloads.models import AuditEntry
 from app.extensions import db
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
@@ -61,6 +62,11 @@ def run_rule(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except InvalidInput as exc:
         fail(exc.message)
+
+
+def audit(action: str, target: str, detail: str = "") -> None:
+    """Record an owner's action done from the command line, like the owner pages do; committed with it."""
+    db.session.add(AuditEntry(actor="cli", action=action, target=target[:200], detail=detail))
 
 
 @softgoods.command("init")

@@ -72,6 +72,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "RATELIMIT_STORAGE_URI": env.get("REDIS_URL") or "memory://",
         # Sidecar: failed link lookups allowed per address before 429; proxies in front (X-Forwarded-For).
         "LINK_GUESS_LIMIT": env.get("SOFTGOODS_LINK_GUESS_LIMIT") or "20 per minute",
+        "RATELIMIT_KEY_PREFIX": env.get("SOFTGOODS_RATELIMIT_PREFIX") or "softgoods",
         "PROXY_COUNT": _int(env, "SOFTGOODS_PROXY_COUNT", 0),
         # Flask-Limiter strings, per client address; POSTs only (pages stay browsable).
         "LOGIN_RATE_LIMIT": env.get("SOFTGOODS_LOGIN_RATE_LIMIT") or "10 per minute",

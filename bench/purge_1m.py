@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -114,7 +115,6 @@ def run(backend: str, total: int, n_links: int) -> dict[str, float]:
         if pg_name:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)')
-        import shutil
         shutil.rmtree(root, ignore_errors=True)
     return figures
 

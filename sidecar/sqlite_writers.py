@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import weakref
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -57,6 +58,15 @@ class WriterQueue:
             self._thread_lock.release()
 
 
+_queues: weakref.WeakSet[WriterQueue] = weakref.WeakSet()
+_session_hooks: list[bool] = []
+
+
+def _release_all() -> None:
+    for queue in list(_queues):
+        queue.release()
+
+
 def install(engine: Engine) -> None:
     """Queue the writers of this engine (SQLite files only); released after the session's commit or
     rollback. The lock file sits next to the database, so every process using it takes part."""
@@ -72,10 +82,14 @@ def install(engine: Engine) -> None:
         if statement.lstrip()[:7].upper().startswith(WRITES):
             queue.acquire()
 
-    # After the database has committed or rolled back (engine "commit" events fire before it).
-    event.listen(Session, "after_commit", lambda session: queue.release())
-    event.listen(Session, "after_rollback", lambda session: queue.release())
-    event.listen(Session, "after_soft_rollback", lambda session, previous: queue.release())
+    _queues.add(queue)
+    if not _session_hooks:
+        # After the database has committed or rolled back (engine "commit" events fire before it).
+        # Registered once for all engines; release() is a no-op for queues this thread does not hold.
+        event.listen(Session, "after_commit", lambda session: _release_all())
+        event.listen(Session, "after_rollback", lambda session: _release_all())
+        event.listen(Session, "after_soft_rollback", lambda session, previous: _release_all())
+        _session_hooks.append(True)
 
     @event.listens_for(engine.pool, "reset")
     def _reset(dbapi_connection, record, reset_state=None) -> None:  # returned to the pool mid-transaction

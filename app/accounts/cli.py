@@ -9,7 +9,7 @@ from sqlalchemy import select
 from app.accounts.models import ROLES, User
 from app.accounts.rules import check_password_rules
 from app.accounts.validation import normalize_email
-from app.cli import fail, run_rule
+from app.cli import audit, fail, run_rule
 from app.extensions import db
 from app.timeutil import utcnow
 
@@ -36,5 +36,6 @@ def register(group: click.Group) -> None:
         account = User(email=email, role=role, email_confirmed_at=utcnow())
         account.set_password(password)
         db.session.add(account)
+        audit("user.add", f"user {email}", f"role {role}")
         db.session.commit()
         click.echo(f"{role} {email} added")

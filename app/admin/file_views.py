@@ -33,10 +33,8 @@ def file_upload():
             raise InvalidInput("choose at least one file to upload")
         sku, folder = request.form.get("sku", ""), request.form.get("folder", "")
         targets = [rules.target_for(sku, folder, u.filename) for u in uploads]  # every name checked first
-        saved = []
-        for upload, target in zip(uploads, targets):
-            rules.save_upload(db.session, download_dir(), target, upload.stream, overwrite=_overwrite())
-            saved.append(target.registered_path)
+        saved = rules.save_uploads(db.session, download_dir(), [(t, u.stream) for t, u in zip(targets, uploads)],
+                                   overwrite=_overwrite())
     except InvalidInput as exc:
         if exc.status == 409:
             db.session.rollback()

@@ -5,10 +5,13 @@ Opening the manager deletes expired packages first (records and ZIPs; the origin
 from __future__ import annotations
 
 from datetime import date
+from typing import Callable
 
 from flask import abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.exc import StaleDataError
 
 from app.accounts.models import User
 from app.admin.blueprint import audit, bp, confirm_page, confirmed, download_dir, refuse
@@ -79,10 +82,12 @@ def package_new():
     try:
         rules.create_package(db.session, name, _form_date(request.form.get("expires_on")),
                              _form_days(request.form.get("lifetime_days")), request.form.getlist("managers"))
+        audit("package.create", f"package {name}")
+        db.session.commit()
     except InvalidInput as exc:
         return refuse(exc, url_for("admin.packages"))
-    audit("package.create", f"package {name}")
-    db.session.commit()
+    except IntegrityError:  # another request created the same name a moment ago
+        return refuse(InvalidInput(f"a package named {name} already exists", status=409), url_for("admin.packages"))
     flash(f"Package {name} created. Add files to build its ZIP.", "success")
     return redirect(url_for("admin.package_edit", name=name))
 
@@ -118,34 +123,42 @@ def package_settings(name: str):
     return redirect(back)
 
 
-@bp.post("/packages/<name>/add")
-def package_add(name: str):
-    package = _managed(name)
+def _change_files(name: str, change: Callable, action: str, done: Callable[[Package, list[str]], str]):
+    """Apply an add/remove of files, commit it with its audit entry, and go back to the editor.
+
+    Another request may assign or remove the same file of the same package at the same moment; then the
+    unique constraint (or a row already gone) refuses this commit. Start once more from what that
+    request committed, which also rebuilds the ZIP from the true file list; a second clash says so (409).
+    """
     back = url_for("admin.package_edit", name=name)
     files = request.form.getlist("files")
-    try:
-        result = rules.add_files(db.session, download_dir(), package, files)
-    except InvalidInput as exc:
-        return refuse(exc, back)
-    audit("package.add", f"package {name}", " ".join(files))
-    db.session.commit()
-    _report(result, f"Added {len(files)} file(s); the ZIP was rebuilt.")
-    return redirect(back)
+    for _attempt in range(2):
+        package = _managed(name)
+        try:
+            result = change(db.session, download_dir(), package, files)
+            audit(action, f"package {name}", " ".join(files))
+            db.session.commit()
+        except InvalidInput as exc:
+            return refuse(exc, back)
+        except (IntegrityError, StaleDataError):
+            db.session.rollback()
+            continue
+        _report(result, done(package, files))
+        return redirect(back)
+    return refuse(InvalidInput(f"package {name} was changed by someone else at the same moment: "
+                               "check its files and try again", status=409), back)
+
+
+@bp.post("/packages/<name>/add")
+def package_add(name: str):
+    return _change_files(name, rules.add_files, "package.add",
+                         lambda _package, files: f"Added {len(files)} file(s); the ZIP was rebuilt.")
 
 
 @bp.post("/packages/<name>/remove")
 def package_remove(name: str):
-    package = _managed(name)
-    back = url_for("admin.package_edit", name=name)
-    files = request.form.getlist("files")
-    try:
-        result = rules.remove_files(db.session, download_dir(), package, files)
-    except InvalidInput as exc:
-        return refuse(exc, back)
-    audit("package.remove", f"package {name}", " ".join(files))
-    db.session.commit()
-    _report(result, f"Removed {len(files)} file(s); " + ("the ZIP was rebuilt." if package.files else "no files left, no ZIP."))
-    return redirect(back)
+    return _change_files(name, rules.remove_files, "package.remove", lambda package, files: (
+        f"Removed {len(files)} file(s); " + ("the ZIP was rebuilt." if package.files else "no files left, no ZIP.")))
 
 
 @bp.post("/packages/<name>/rebuild")

@@ -12,7 +12,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from functools import partial
+from typing import IO, Callable, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -75,19 +76,35 @@ def _inside(download_dir: str | Path, path: Path) -> None:
         raise InvalidInput("that path leads outside the download folder")
 
 
-def _write_atomically(source: IO[bytes], final: Path, overwrite: bool) -> int:
-    """Stream into a hidden temp file next to ``final``, fsync, then rename: never half a file in place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not overwrite:
-        raise InvalidInput(f"{final.name} already exists; confirm to replace it", status=409)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
+def _stage(source: IO[bytes], final: Path) -> str:
+    """Stream into a hidden temp file next to ``final`` and fsync it; returns its name.
+
+    A full disk (out of space, inodes or quota) refuses even the folder or the empty temp file: every
+    failure is an InvalidInput and leaves no temp file behind.
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".part")
+    except OSError as exc:
+        raise _not_saved(exc) from None
     try:
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(source, out, COPY_BUFFER)
             out.flush()
             os.fsync(out.fileno())
-            written = out.tell()
         os.chmod(tmp, 0o644)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _not_saved(exc) from None
+        raise
+    return tmp
+
+
+def _place(tmp: str, final: Path, overwrite: bool) -> None:
+    """Rename a staged file into place: never half a file at ``final``."""
+    try:
         if overwrite:
             os.replace(tmp, final)
         else:
@@ -98,21 +115,54 @@ def _write_atomically(source: IO[bytes], final: Path, overwrite: bool) -> int:
             os.unlink(tmp)
         if isinstance(exc, FileExistsError):
             raise InvalidInput(f"{final.name} already exists; confirm to replace it", status=409) from None
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise InvalidInput("the disk is full: the upload was not saved", status=507) from None
         if isinstance(exc, OSError):
-            raise InvalidInput(f"the file could not be saved: {exc.strerror}", status=500) from None
+            raise _not_saved(exc) from None
         raise
-    return written
 
 
-def save_upload(session: Session, download_dir: str | Path, target: Target, stream: IO[bytes],
-                overwrite: bool = False) -> FileEntry:
-    """Save an uploaded stream (the request size limit is MAX_CONTENT_LENGTH) and register it."""
-    final = target.on_disk(download_dir)
-    _inside(download_dir, final.parent)
-    _write_atomically(stream, final, overwrite)
-    return index_one(session, download_dir, target.sku, target.rel)
+def _not_saved(exc: OSError) -> InvalidInput:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # out of space, inodes or quota: all "full" to the owner
+        return InvalidInput("the disk is full: the upload was not saved", status=507)
+    return InvalidInput(f"the file could not be saved: {exc.strerror}", status=500)
+
+
+def _save_all(session: Session, download_dir: str | Path, sources: list[tuple[Target, Callable[[], IO[bytes]]]],
+              overwrite: bool) -> list[str]:
+    """Write several files as one change and register them.
+
+    Every target is checked first, then every file is staged (a full disk stops here and removes the
+    staged ones: nothing changed), then all are renamed into place, so a failed batch never leaves some
+    files new or replaced while the caller rolls back their index rows.
+    """
+    seen: set[str] = set()
+    for target, _ in sources:
+        if target.registered_path in seen:
+            raise InvalidInput(f"{target.rel} is chosen twice in this upload")
+        seen.add(target.registered_path)
+        _inside(download_dir, target.on_disk(download_dir).parent)
+        if not overwrite and target.on_disk(download_dir).exists():
+            raise InvalidInput(f"{target.registered_path} already exists; confirm to replace it", status=409)
+    staged: list[tuple[Target, str]] = []
+    try:
+        for target, open_source in sources:
+            with open_source() as source:
+                staged.append((target, _stage(source, target.on_disk(download_dir))))
+        while staged:
+            target, tmp = staged.pop(0)
+            _place(tmp, target.on_disk(download_dir), overwrite)
+            index_one(session, download_dir, target.sku, target.rel)
+    finally:
+        for _, tmp in staged:  # only left over when something failed
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return [t.registered_path for t, _ in sources]
+
+
+def save_uploads(session: Session, download_dir: str | Path, uploads: list[tuple[Target, IO[bytes]]],
+                 overwrite: bool = False) -> list[str]:
+    """Save uploaded streams (the request size limit is MAX_CONTENT_LENGTH) and register them; all or none."""
+    return _save_all(session, download_dir, [(t, partial(contextlib.nullcontext, s)) for t, s in uploads],
+                     overwrite)
 
 
 def import_folder(session: Session, download_dir: str | Path, import_dir: str | Path, source: str,
@@ -135,17 +185,10 @@ def import_folder(session: Session, download_dir: str | Path, import_dir: str | 
             if src.is_symlink() or not src.is_file():
                 continue  # a link could point anywhere on the server
             rel_folder = Path(dirpath).relative_to(folder).as_posix()
-            target = target_for(sku, "" if rel_folder == "." else rel_folder, name)
-            if target.on_disk(download_dir).exists() and not overwrite:
-                raise InvalidInput(f"{target.registered_path} already exists; confirm to replace it", status=409)
-            plan.append((src, target))
+            plan.append((target_for(sku, "" if rel_folder == "." else rel_folder, name), partial(open, src, "rb")))
     if not plan:
         raise InvalidInput(f"there are no files in {folder}")
-    for src, target in plan:
-        with open(src, "rb") as fh:
-            _write_atomically(fh, target.on_disk(download_dir), overwrite)
-        index_one(session, download_dir, target.sku, target.rel)
-    return [t.registered_path for _, t in plan]
+    return _save_all(session, download_dir, plan, overwrite)
 
 
 def register_file(session: Session, download_dir: str | Path, registered: str) -> FileEntry:

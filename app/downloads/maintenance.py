@@ -214,7 +214,7 @@ def _stale_slot_releaser() -> Callable | None:
     return getattr(delivery, "release_stale_deliveries", None)
 
 
-def _outbox_flusher() -> Callable | None:
+def outbox_flusher() -> Callable | None:
     try:
         from app.mail import flush_outbox
     except ImportError:
@@ -268,7 +268,7 @@ def purge(session: Session, now: datetime, *, dry_run: bool, download_dir: str |
         session.commit()
 
     report.outbox_waiting = unsent_emails(session)
-    flush = _outbox_flusher()
+    flush = outbox_flusher()
     if not dry_run and send_mail and flush is not None and report.outbox_waiting:
         report.outbox_sent = flush(session)
         session.commit()

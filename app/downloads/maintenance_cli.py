@@ -67,7 +67,8 @@ def register(group: click.Group) -> None:
         if not Path(path).is_file():
             fail(f"no log file at {path}")
         try:
-            report = ingest_log(db.session, path)
+            report = ingest_log(db.session, path,
+                                state_file=Path(current_app.config["INSTANCE_DIR"]) / "nginx-log-positions.json")
         except LogFormatError as exc:
             fail(str(exc))
         db.session.commit()

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -102,13 +104,73 @@ def parse_line(raw: str) -> LogLine | None:
         return None
 
 
-def read_lines(path: str | Path) -> Iterator[str]:
-    """Complete lines only: nginx may be half-way through the last one (it is read next time)."""
+def read_lines(path: str | Path, start: int = 0) -> Iterator[tuple[str, int]]:
+    """(line, offset just after it) of complete lines only: nginx may be half-way through the last
+    one, which is read next time."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as fh:
+    with opener(path, "rb") as fh:
+        if start:
+            fh.seek(start)
+        offset = start
         for raw in fh:
-            if raw.endswith("\n"):
-                yield raw
+            if not raw.endswith(b"\n"):
+                break
+            offset += len(raw)
+            yield raw.decode("utf-8", errors="replace"), offset
+
+
+class ReadPositions:
+    """Where the last run stopped in each log file, so a re-read skips what was read already.
+
+    Keyed by the file's device and inode (a renamed ``access.log.1`` continues where ``access.log``
+    stopped) and guarded by a digest of its first line (a truncated or recreated file starts over).
+    Only a shortcut: the unique ``source_key`` is what makes each line count once.
+    """
+
+    KEEP = 20
+
+    def __init__(self, state_file: str | Path | None):
+        self.state_file = Path(state_file) if state_file else None
+        self.data: dict[str, dict] = {}
+        if self.state_file and self.state_file.exists():
+            try:
+                self.data = json.loads(self.state_file.read_text())
+            except (OSError, ValueError):
+                self.data = {}
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[str, str, int] | None:
+        if str(path).endswith(".gz"):
+            return None
+        try:
+            st = path.stat()
+            with open(path, "rb") as fh:
+                head = fh.readline()
+        except OSError:
+            return None
+        return f"{st.st_dev}:{st.st_ino}", hashlib.sha256(head).hexdigest(), st.st_size
+
+    def start(self, path: Path) -> int:
+        ident = self._identity(path)
+        if ident is None:
+            return 0
+        key, head, size = ident
+        seen = self.data.get(key)
+        if not seen or seen.get("head") != head or seen.get("offset", 0) > size:
+            return 0
+        return int(seen["offset"])
+
+    def save(self, path: Path, offset: int) -> None:
+        ident = self._identity(path)
+        if ident is None or self.state_file is None:
+            return
+        key, head, _size = ident
+        self.data.pop(key, None)
+        self.data[key] = {"head": head, "offset": offset, "path": str(path)}
+        self.data = dict(list(self.data.items())[-self.KEEP:])
+        temp = self.state_file.with_name(self.state_file.name + ".tmp")
+        temp.write_text(json.dumps(self.data))
+        os.replace(temp, self.state_file)
 
 
 @dataclass
@@ -119,11 +181,12 @@ class IngestReport:
     not_deliveries: int = 0
     unmatched: int = 0
     malformed: int = 0
-    partial: int = 0
+    skipped_bytes: int = 0  # read by an earlier run
     refused: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"nginx log: {self.lines} line(s), {self.recorded} delivery request(s) recorded, "
+        resumed = f" (from byte {self.skipped_bytes}: read before)" if self.skipped_bytes else ""
+        return (f"nginx log{resumed}: {self.lines} line(s), {self.recorded} delivery request(s) recorded, "
                 f"{self.already} already recorded, {self.not_deliveries} not deliveries by nginx, "
                 f"{self.unmatched} matching no grant or file, {self.malformed} not in the softgoods format")
 
@@ -218,14 +281,20 @@ def _apply_rules(session: Session, line: LogLine, grant: UserDownload, entry: Fi
 
 
 def ingest_log(session: Session, path: str | Path, *, accel: bool | None = None,
-               secret: str | None = None) -> IngestReport:
-    """Record every nginx delivery in the log at ``path`` that is not recorded yet. Commits in batches."""
+               secret: str | None = None, state_file: str | Path | None = None) -> IngestReport:
+    """Record every nginx delivery in the log at ``path`` that is not recorded yet.
+
+    Commits in batches and at the end; with ``state_file``, remembers where it stopped (after the
+    commit) so the next run starts there."""
     cfg = current_app.config
     accel = cfg["DELIVERY"] == "accel" if accel is None else accel
     secret = secret or cfg["SECRET_KEY"]
-    report = IngestReport()
+    path = Path(path)
+    positions = ReadPositions(state_file)
+    report = IngestReport(skipped_bytes=positions.start(path))
     pending = 0
-    for raw in read_lines(path):
+    offset = report.skipped_bytes
+    for raw, offset in read_lines(path, report.skipped_bytes):
         report.lines += 1
         line = parse_line(raw)
         if line is None:
@@ -259,8 +328,11 @@ def ingest_log(session: Session, path: str | Path, *, accel: bool | None = None,
         pending += 1
         if pending >= COMMIT_EVERY:
             session.commit()
+            positions.save(path, offset)
             pending = 0
     if report.lines and report.malformed == report.lines:
         raise LogFormatError(f"{path} is not an access log in the softgoods format "
                              f"(log_format softgoods in deploy/nginx-sidecar.conf)")
+    session.commit()
+    positions.save(path, offset)
     return report

@@ -7,9 +7,9 @@ import click
 from flask import current_app
 from sqlalchemy import select
 
-from app.cli import fail, run_rule
+from app.cli import audit, fail, run_rule
 from app.downloads import packages as rules
-from app.downloads.models import AuditEntry, Package
+from app.downloads.models import Package
 from app.extensions import db
 
 
@@ -23,7 +23,7 @@ def _date(value: str | None) -> date | None:
 
 
 def _audit(action: str, name: str, detail: str = "") -> None:
-    db.session.add(AuditEntry(actor="cli", action=action, target=f"package {name}", detail=detail))
+    audit(action, f"package {name}", detail)
 
 
 def _finish(result: rules.BuildResult, done: str) -> None:

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 import time
@@ -38,7 +37,6 @@ from app.extensions import db
 from app.store.models import SKU_PATTERN
 from app.timeutil import utcnow
 
-log = logging.getLogger("softgoods.watch")
 TICK = 0.2  # seconds between looks at the queue: the latency floor of a re-index
 
 
@@ -256,7 +254,7 @@ class Watcher:
             self.echo(f"expired {count} grant(s), removed {len(folders)} symlink folder(s)")
 
     def _flush_outbox(self) -> None:
-        flush = maintenance._outbox_flusher()
+        flush = maintenance.outbox_flusher()
         if flush is None or not maintenance.unsent_emails(db.session):
             return
         sent = flush(db.session)
@@ -297,7 +295,8 @@ class Watcher:
         recorded = (size, mtime_ns)
         if maintenance.file_signature(full) != recorded:
             if sku != PACKAGES_SKU:
-                self.queue.add(str(full), unless_pending=True)  # changed or gone the ordinary way: re-index, do not flag
+                # changed or gone the ordinary way (new size or mtime): re-index, never flag
+                self.queue.add(str(full), unless_pending=True)
             self._mark_verified(entry_id, sha256, None)
             return True
         digest = self._hash(full, stop)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from app.cli import fail, run_rule
+from app.cli import audit, fail, run_rule
 from app.downloads.grants import grant_downloads
 from app.extensions import db
 from app.store.catalog import add_product
@@ -53,6 +53,7 @@ def register(group: click.Group) -> None:
                            max_downloads=5 if limit is False else limit, link_days=days,
                            content_class=content_class, entitlement_class=ent_class,
                            entitlement_count=ent_count, package_name=package_name)
+        audit("product.add", f"product {product.sku}", f"{product.name} at {product.price_display}")
         db.session.commit()
         click.echo(f"product {product.sku} added: {product.name} at {product.price_display}")
 
@@ -73,6 +74,7 @@ def register(group: click.Group) -> None:
         order = create_order(db.session, email=email, lines=[Line(product)], payment_reference=None)
         order.total_cents = 0  # a comp copy is free whatever the list price
         links = grant_downloads(db.session, order, days=days, max_downloads=limit)
+        audit("order.grant", f"order {order.po_number}", f"{product.sku} for {email}")
         db.session.commit()
         click.echo(f"order {order.po_number} for {email}: {product.sku}, expires {links[0].grant.expires_at:%Y-%m-%d}")
         click.echo(links[0].url)

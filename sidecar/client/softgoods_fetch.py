@@ -26,7 +26,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from base64 import b64decode
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 VERSION = "1.0"
 USER_AGENT = "softgoods-fetch/" + VERSION
@@ -605,8 +605,10 @@ def main(argv: list | None = None) -> int:
     try:
         link = link_from(args.link, args.server)
         listing = retrying("file list", http.get_json, link)
+        if not (isinstance(listing, dict) and isinstance(listing.get("files"), list) and listing.get("confirm_url")):
+            raise FetchError(f"{link} did not answer with a Softgoods file list (is this a download link?)")
         _confirm_urls[link] = listing["confirm_url"]
-        files = listing.get("files") or []
+        files = listing["files"]
         if not files:
             raise FetchError("this link lists no files yet (a choice of products? pick them on the link's page)")
         os.makedirs(args.dir, exist_ok=True)
@@ -616,6 +618,10 @@ def main(argv: list | None = None) -> int:
             say(f"verified  {info['path']}  ({int(info['size'])} bytes, sha256 {info['sha256'][:16]}...)", err=False)
     except FetchError as exc:
         print(f"softgoods-fetch: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the disk, not the network: full, read-only, no permission
+        print(f"softgoods-fetch: error: cannot write {exc.filename or args.dir}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nsoftgoods-fetch: interrupted; run the same command again to continue", file=sys.stderr)

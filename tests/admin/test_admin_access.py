@@ -7,6 +7,7 @@ from sqlalchemy import select
 from app.accounts.models import User
 from app.extensions import db
 from tests.admin.conftest import log_in, make_user
+from tests.store.shop import hidden
 
 OWNER_PAGES = ["/admin/", "/admin/products", "/admin/packages", "/admin/files", "/admin/orders", "/admin/log",
                "/admin/log.csv"]
@@ -62,3 +63,32 @@ def test_forms_need_a_csrf_token(app, client, owner):
     token = page.split('name="csrf_token" value="')[1].split('"')[0]
     response = client.post("/admin/packages/new", data={"name": "P1", "csrf_token": token})
     assert response.status_code == 302 and response.headers["Location"].endswith("/admin/packages/P1")
+
+
+def _log_in_through_the_form(client, email: str, password: str, next_url: str):
+    page = client.get(f"/account/login?next={next_url}").text
+    token = hidden(page, "csrf_token")
+    refused = client.post("/account/login", data={"email": email, "password": password, "next": next_url})
+    assert refused.status_code == 400 and "CSRF" in refused.text  # the form is protected
+    return client.post("/account/login", data={"email": email, "password": password, "next": next_url,
+                                               "csrf_token": token})
+
+
+@pytest.mark.config(WTF_CSRF_ENABLED=True)
+def test_an_owner_logs_in_through_the_real_form_and_reaches_the_owner_pages(app, client):
+    make_user(app, "owner@example.com", "owner")
+    assert client.get("/admin/").status_code == 302  # not logged in yet
+    response = _log_in_through_the_form(client, "owner@example.com", "correct horse battery", "/admin/")
+    assert response.status_code == 303 and response.headers["Location"].endswith("/admin/")
+    page = client.get("/admin/")
+    assert page.status_code == 200 and 'name="csrf_token"' in client.get("/admin/packages").text
+
+
+@pytest.mark.config(WTF_CSRF_ENABLED=True)
+def test_a_customer_who_logs_in_through_the_real_form_is_refused_the_owner_pages(app, client):
+    make_user(app, "buyer@example.com", "customer")
+    response = _log_in_through_the_form(client, "buyer@example.com", "correct horse battery", "/admin/")
+    assert response.status_code == 303  # the login itself works ...
+    assert client.get("/account/downloads").status_code == 200
+    for path in OWNER_PAGES:  # ... but no owner page opens
+        assert client.get(path).status_code == 403, path

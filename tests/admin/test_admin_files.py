@@ -56,6 +56,29 @@ def test_no_overwrite_without_asking(app, client, owner):
 
 
 @pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("files, message", [
+    ({"new.txt": b"new", "a.txt": b"second"}, "a.txt already exists; confirm to replace it"),
+    ({"new.txt": b"one", "dup/../new.txt": b"two"}, "is not a safe file or folder name"),
+])
+def test_a_refused_batch_of_uploads_writes_none_of_them(app, client, owner, files, message):
+    upload(client, "BOOK", {"a.txt": b"first"})
+    page = shown(upload(client, "BOOK", files))
+    assert message in page
+    folder = Path(app.config["DOWNLOAD_DIR"]) / "BOOK"
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt"] and (folder / "a.txt").read_bytes() == b"first"
+    assert entry(app, "BOOK", "new.txt") is None
+
+
+@pytest.mark.backends("sqlite")
+def test_the_same_name_twice_in_one_upload_is_refused(app, client, owner):
+    twice = [(io.BytesIO(b"1"), "x2.txt"), (io.BytesIO(b"2"), "x2.txt")]
+    page = shown(client.post("/admin/files/upload", data={"sku": "BOOK", "folder": "", "file": twice},
+                             content_type="multipart/form-data", follow_redirects=True))
+    assert "x2.txt is chosen twice" in page
+    assert not (Path(app.config["DOWNLOAD_DIR"]) / "BOOK" / "x2.txt").exists()
+
+
+@pytest.mark.backends("sqlite")
 @pytest.mark.parametrize("sku, folder, name, message", [
     ("../x", "", "a.txt", "SKU '../x' is not allowed"),
     (".packages", "", "a.txt", "SKU '.packages' is not allowed"),

@@ -1,6 +1,7 @@
 """The package manager and editor pages."""
 from __future__ import annotations
 
+import threading
 import zipfile
 from datetime import timedelta
 from pathlib import Path
@@ -110,3 +111,36 @@ def test_expired_packages_vanish_when_the_manager_opens(app, client, owner, kit)
     assert not (kit / ".packages" / "OLD.zip").exists() and (kit / "KIT" / "b" / "c.txt").is_file()
     with app.app_context():
         assert db.session.scalar(select(AuditEntry.action).order_by(AuditEntry.id.desc())) == "package.purge"
+
+
+def test_the_same_file_added_by_two_requests_at_once_is_assigned_once(app, client, owner, kit, monkeypatch):
+    """A second owner adds the same file while this request builds its ZIP: no 500, one assignment."""
+    from app.downloads import packages as rules
+
+    client.post("/admin/packages/new", data={"name": "P1"})
+    other = app.test_client()
+    log_in(other, make_user(app, "other@example.com", "owner"))
+    real_write_zip, raced = rules.write_zip, []
+
+    def write_zip_while_another_request_commits(target, members):
+        if not raced:  # only the first build: the other request's own build runs unhindered
+            raced.append("started")
+            # Another thread, so the other request has its own app context and database session.
+            thread = threading.Thread(target=lambda: raced.append(
+                other.post("/admin/packages/P1/add", data={"files": ["KIT/a.bin"]}).status_code))
+            thread.start()
+            thread.join(60)
+        real_write_zip(target, members)
+
+    monkeypatch.setattr(rules, "write_zip", write_zip_while_another_request_commits)
+    response = client.post("/admin/packages/P1/add", data={"files": ["KIT/a.bin", "KIT/d.mp4"]},
+                           follow_redirects=True)
+    assert raced == ["started", 302]
+    assert response.status_code == 200 and "Added 2 file(s); the ZIP was rebuilt." in response.text
+    assert zipfile.ZipFile(kit / ".packages" / "P1.zip").namelist() == ["KIT/a.bin", "KIT/d.mp4"]
+    with app.app_context():
+        package = db.session.scalars(select(Package)).one()
+        assert sorted(f.file_path for f in package.files) == ["KIT/a.bin", "KIT/d.mp4"]
+        assert [a.actor for a in db.session.scalars(select(AuditEntry).where(AuditEntry.action == "package.add")
+                                                   .order_by(AuditEntry.id))] == ["other@example.com",
+                                                                                   "owner@example.com"]

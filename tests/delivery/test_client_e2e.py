@@ -20,7 +20,7 @@ from app.downloads.index import index_files
 from app.downloads.models import Delivery, UserDownload
 from app.extensions import db
 from app.store.models import Order
-from tests.helpers import ROOT, grant_link, make_product, write_files
+from tests.helpers import ROOT, grant_link, make_product
 
 CLIENT = ROOT / "sidecar" / "client" / "softgoods_fetch.py"
 MiB = 1 << 20
@@ -247,3 +247,13 @@ def test_progress_bar_with_speed_and_time_left_on_a_terminal(app, sidecar, fault
         os.close(leader)
     text = shown.decode(errors="replace")
     assert "big.iso" in text and "ETA" in text and "MiB/s" in text and "100.0%" in text
+
+
+@pytest.mark.backends("sqlite")
+def test_an_unwritable_folder_is_one_clear_line(app, sidecar, tmp_path):
+    sidecar()
+    make_product(app, "KIT", {"a.bin": 1000})
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    result = fetch(grant_link(app, "KIT"), blocker)
+    assert result.returncode == 1 and "cannot write" in result.stderr and "Traceback" not in result.stderr

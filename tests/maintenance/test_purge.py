@@ -166,3 +166,18 @@ def test_grants_table_leaves_room_for_hot_updates(app):
     with app.app_context():
         options = db.session.scalar(text("SELECT reloptions FROM pg_class WHERE relname = 'user_downloads'"))
     assert options == ["fillfactor=50"]
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("args, message", [
+    (["purge", "--dry"], "No such option '--dry'"),
+    (["purge", "now"], "Got unexpected extra argument (now)"),
+    (["watch", "--fast"], "No such option '--fast'"),
+    (["ingest-nginx-log"], "Missing argument 'PATH'"),
+])
+def test_bad_arguments_get_one_line_and_change_nothing(app, runner, args, message):
+    before = instance_digest(app)
+    result = runner.invoke(args=["softgoods", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert instance_digest(app) == before

@@ -277,3 +277,54 @@ def test_expired_link_may_finish_a_started_delivery_within_grace(app, sc):
         _grant(app).expires_at = utcnow() - timedelta(days=1)  # past the grace period
         db.session.commit()
     assert sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=1000-"}).status_code == 410
+
+
+@pytest.mark.backends("sqlite")
+def test_sqlite_writers_queue_instead_of_polling(app, sidecar_app):
+    """Many threads writing at once: every write lands, and no thread keeps the writer lock after
+    its commit or rollback (a leak would hang the next writer)."""
+    import threading
+
+    from app.downloads.models import AuditEntry
+
+    def work(n: int) -> None:
+        with sidecar_app.app_context():
+            for i in range(15):
+                db.session.add(AuditEntry(actor="t", action="w", target=f"{n}-{i}"))
+                if i % 5 == 4:
+                    db.session.rollback()
+                else:
+                    db.session.commit()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    with sidecar_app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(AuditEntry)) == 6 * 12
+        queue = db.engine._sg_writer_queue
+    assert queue._thread_lock.acquire(timeout=1)
+    queue._thread_lock.release()
+
+
+def test_a_package_product_lists_and_serves_its_zip(app, sc):
+    import io
+    import zipfile
+
+    from app.downloads.packages import add_files, create_package
+
+    make_product(app, "BOOK", FILES)
+    with app.app_context():
+        package = create_package(db.session, "bundle")
+        add_files(db.session, app.config["DOWNLOAD_DIR"], package, ["BOOK/readme.txt", "BOOK/ch1/intro.pdf"])
+        db.session.commit()
+    make_product(app, "BUNDLE", package_name="bundle")
+    link = path_of(grant_link(app, "BUNDLE"))
+    files = sc.get(link, headers=JSON).get_json()["files"]
+    assert [f["path"] for f in files] == ["bundle.zip"]
+    body = sc.get(link + "f/bundle.zip")
+    assert body.status_code == 200 and hashlib.sha256(body.data).hexdigest() == files[0]["sha256"]
+    assert sorted(zipfile.ZipFile(io.BytesIO(body.data)).namelist()) == ["BOOK/ch1/intro.pdf", "BOOK/readme.txt"]
+    assert sc.get(link + "f/readme.txt").status_code == 404  # the product's own files are not this grant's

@@ -204,3 +204,48 @@ def test_head_and_not_modified(shop):
     assert not_modified.value.code == 304
     not_modified.value.close()
     head.close()
+
+
+def test_two_sidecars_share_the_guess_limit_through_redis(app, shop, sidecar):
+    import uuid
+
+    shared = {"REDIS_URL": "redis://127.0.0.1:6379/0", "SOFTGOODS_LINK_GUESS_LIMIT": "3 per minute",
+              "SOFTGOODS_RATELIMIT_PREFIX": "sgtest-" + uuid.uuid4().hex}
+    first, second = sidecar(**shared), sidecar(**shared)
+    path = urlsplit(shop["link"]).path
+    forged = path[:-9] + ("x" if path[-9] != "x" else "y") + path[-8:]
+    codes = [raw_get(first.url, forged)[0] for _ in range(3)]
+    assert codes == [404, 404, 404]
+    assert raw_get(second.url, forged)[0] == 429  # the other host knows this address already
+
+
+def test_metrics_count_transfers_across_workers(shop):
+    url = shop["link"] + "f/big.bin"
+    metrics_url = shop["server"].url + "/metrics"
+    slow = subprocess.Popen(["curl", "-s", "--limit-rate", "200K", "-m", "12", "-o", "/dev/null", url])
+
+    def scrape() -> dict[str, int]:
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        return {line.split()[0]: int(line.split()[1]) for line in text.splitlines()
+                if line.startswith("softgoods_") and "{" not in line}
+
+    try:
+        deadline = time.monotonic() + 10
+        seen = scrape()
+        while time.monotonic() < deadline and seen["softgoods_transfers_in_progress"] != 1:
+            time.sleep(0.2)
+            seen = scrape()
+        assert seen["softgoods_transfers_in_progress"] == 1
+    finally:
+        slow.terminate()
+        slow.wait(10)
+    # The broken-off transfer ends: the gauge drops, and the bytes counted by the workers agree with
+    # the download log (its row is committed just after the counter moves, hence the wait).
+    deadline = time.monotonic() + 15
+    seen = scrape()
+    while time.monotonic() < deadline and (seen["softgoods_transfers_in_progress"] != 0 or
+                                           seen["softgoods_sidecar_bytes_sent_total"] != seen["softgoods_bytes_sent_total"]):
+        time.sleep(0.2)
+        seen = scrape()
+    assert seen["softgoods_transfers_in_progress"] == 0
+    assert 0 < seen["softgoods_sidecar_bytes_sent_total"] == seen["softgoods_bytes_sent_total"] < BIG

@@ -58,6 +58,9 @@ def test_cart_adds_updates_removes_and_sums_exactly(shop, client):
     ("EBOOK1", "abc", "quantity must be a whole number from 1 to 10, not 'abc'"),
     ("EBOOK1", "", "quantity must be a whole number from 1 to 10, not ''"),
     ("EBOOK1", "1.5", "quantity must be a whole number from 1 to 10, not '1.5'"),
+    ("EBOOK1", "--1", "quantity must be a whole number from 1 to 10, not '--1'"),
+    ("EBOOK1", "\u00b2", "quantity must be a whole number from 1 to 10, not '\u00b2'"),
+    ("EBOOK1", "\uff13", "quantity must be a whole number from 1 to 10, not '\uff13'"),
 ])
 def test_bad_cart_input_is_refused_and_the_cart_is_unchanged(shop, client, sku, quantity, message):
     add_to_cart(client, "SONG", 2)

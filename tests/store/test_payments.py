@@ -45,6 +45,9 @@ def test_card_accepts_spaces_dashes_and_two_or_four_digit_years():
     ("4242424242424242", "12/99", "123", "too far in the future"),
     ("4242424242424242", "12/30", "12", "CVC"),
     ("4242424242424242", "12/30", "abc", "CVC"),
+    ("\u00b2" * 16, "12/30", "123", "12 to 19 digits"),
+    ("\uff14\uff12" * 8, "12/30", "123", "12 to 19 digits"),
+    ("4242424242424242", "12/30", "\u00b2\u00b2\u00b2", "CVC"),
 ])
 def test_bad_cards_are_refused_with_the_field_to_fix(number, expiry, cvc, message):
     with pytest.raises(InvalidInput) as refused:
