@@ -26,11 +26,11 @@ def _filtered() -> tuple[Select, dict[str, str]]:
         query = query.where(DownloadLog.order_po == filters["order"])
     if filters["ip"]:
         query = query.where(DownloadLog.client_ip == filters["ip"])
-    if filters["status"]:
-        if not filters["status"].isdigit() or not 100 <= int(filters["status"]) <= 599:
-            raise InvalidInput(f"status must be an HTTP status code like 200 or 403, not {filters['status']!r}",
-                               status=400)
-        query = query.where(DownloadLog.status == int(filters["status"]))
+    status = filters["status"]
+    if status:
+        if not (status.isascii() and status.isdigit()) or not 100 <= int(status) <= 599:
+            raise InvalidInput(f"status must be an HTTP status code like 200 or 403, not {status!r}", status=400)
+        query = query.where(DownloadLog.status == int(status))
     return query, filters
 
 

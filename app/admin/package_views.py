@@ -36,7 +36,7 @@ def _form_days(text: str | None) -> int | None:
     text = (text or "").strip()
     if not text:
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # str.isdigit() alone takes "²", which int() refuses
         raise InvalidInput(f"lifetime must be a whole number of days, not {text!r}")
     return int(text)
 

@@ -17,14 +17,14 @@ def _limit(text: str | None) -> int | None:
     text = (text or "").strip().lower()
     if text in ("", "unlimited"):
         return None
-    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100_000:
         raise InvalidInput("max downloads must be between 1 and 100000, or empty for unlimited")
     return int(text)
 
 
 def _days(text: str | None) -> int:
     text = (text or "").strip()
-    if not text.isdigit() or not 1 <= int(text) <= 3650:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 3650:
         raise InvalidInput("link lifetime must be between 1 and 3650 days")
     return int(text)
 

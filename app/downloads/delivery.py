@@ -52,6 +52,10 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
   starts strictly inside the range of a request still in flight (a resume after a crash, or a
   download manager opening another segment) marks that older one as broken off at this offset, so a
   SIGKILLed sidecar's orphaned reservations do not eat the budget.
+* ``confirm`` upgrades the file version's best delivery to ``verified`` (counting it once if it was
+  not yet); with no delivery at all (bytes that came another way) it records one, counted only if the
+  limit allows. Known limit: deliberately incomplete range requests, repeated, can fetch more bytes
+  than one copy without completing a delivery; each is in the download log with its address.
 * Locks, always in this order: grant row -> delivery row -> order row (no deadlock on PostgreSQL;
   on SQLite the first write takes the database write lock, so the rules run one at a time).
 """

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import partial
-from typing import IO, Callable, Iterator
+from typing import IO, Callable, ContextManager, Iterator
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +27,7 @@ from app.store.models import SKU_PATTERN
 
 COPY_BUFFER = 1 << 20
 MAX_DEPTH = 8
+Opener = Callable[[], ContextManager[IO[bytes]]]  # opens one file's bytes for _save_all
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _not_saved(exc: OSError) -> InvalidInput:
     return InvalidInput(f"the file could not be saved: {exc.strerror}", status=500)
 
 
-def _save_all(session: Session, download_dir: str | Path, sources: list[tuple[Target, Callable[[], IO[bytes]]]],
+def _save_all(session: Session, download_dir: str | Path, sources: list[tuple[Target, Opener]],
               overwrite: bool) -> list[str]:
     """Write several files as one change and register them.
 

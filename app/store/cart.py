@@ -2,6 +2,8 @@
 take that mapping and the database session and return a new mapping or order lines."""
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,7 +18,7 @@ MAX_CART_LINES = 50  # keeps the session cookie well under browsers' 4 KB limit
 def parse_quantity(text: str | int | None) -> int:
     """A quantity from a form: a whole number from 1 to MAX_QUANTITY."""
     raw = str(text if text is not None else "").strip()
-    if not raw.lstrip("-").isdigit():
+    if not re.fullmatch(r"-?[0-9]+", raw):  # ASCII digits only: int() takes "²" and "３"
         raise InvalidInput(f"quantity must be a whole number from 1 to {MAX_QUANTITY}, not {raw!r}")
     quantity = int(raw)
     if not 1 <= quantity <= MAX_QUANTITY:

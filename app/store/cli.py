@@ -46,7 +46,7 @@ def register(group: click.Group) -> None:
         ent_class = ent_count = None
         if entitlement:
             ent_class, _, count = entitlement.partition(":")
-            if not count.isdigit():
+            if not (count.isascii() and count.isdigit()):
                 fail("--entitlement must look like CLASS:N, e.g. classics:10")
             ent_count = int(count)
         product = run_rule(add_product, db.session, sku=sku, name=name, price=price, description=description,

@@ -91,7 +91,7 @@ def parse_expiry(text: str) -> tuple[int, int]:
 def read_card(number: str, expiry: str, cvc: str, today: date | None = None) -> Card:
     """A validated card from form text; every refusal says which field to fix."""
     digits = re.sub(r"[\s-]", "", number or "")
-    if not digits.isdigit() or not 12 <= len(digits) <= 19:
+    if not re.fullmatch(r"[0-9]{12,19}", digits):  # str.isdigit() also takes "²"
         raise InvalidInput("card number must be 12 to 19 digits")
     if not luhn_valid(digits):
         raise InvalidInput("card number is not valid: please check it for a typo")
@@ -102,7 +102,7 @@ def read_card(number: str, expiry: str, cvc: str, today: date | None = None) -> 
     if year > today.year + 20:
         raise InvalidInput("expiry year is too far in the future")
     cvc = (cvc or "").strip()
-    if not cvc.isdigit() or len(cvc) not in (3, 4):
+    if not re.fullmatch(r"[0-9]{3,4}", cvc):
         raise InvalidInput("security code (CVC) must be 3 or 4 digits")
     return Card(digits, month, year, cvc)
 

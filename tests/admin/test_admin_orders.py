@@ -119,7 +119,7 @@ def test_download_log_filters_csv_and_shared_link_warning(client, owner, order):
 
 
 @pytest.mark.backends("sqlite")
-@pytest.mark.parametrize("query", ["status=abc", "status=99"])
+@pytest.mark.parametrize("query", ["status=abc", "status=99", "status=%C2%B2%C2%B2%C2%B2"])
 def test_bad_log_filters_are_refused(client, owner, query):
     response = client.get(f"/admin/log?{query}")
     assert response.status_code == 400 and "status must be an HTTP status code" in shown(response)
@@ -152,3 +152,17 @@ def test_products_add_and_edit(app, client, owner):
     page = shown(client.post("/admin/products/NEW1", data={"name": "X", "price": "1.001", "link_days": "7"},
                              follow_redirects=True))
     assert "price 1.001 has fractions of a cent" in page
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("field, value, message", [
+    ("max_downloads", "\u00b2", "max downloads must be between 1 and 100000"),
+    ("max_downloads", "\uff15", "max downloads must be between 1 and 100000"),
+    ("link_days", "\u00b2", "link lifetime must be between 1 and 3650 days"),
+])
+def test_product_numbers_must_be_plain_digits(app, client, owner, field, value, message):
+    form = {"sku": "NEW1", "name": "New", "price": "3.50", "max_downloads": "2", "link_days": "7", field: value}
+    response = client.post("/admin/products/new", data=form, follow_redirects=True)
+    assert response.status_code == 200 and message in shown(response)
+    with app.app_context():
+        assert db.session.scalars(select(Product)).all() == []

@@ -61,6 +61,7 @@ def test_new_assign_several_remove_and_delete(app, client, owner, kit):
     ({"name": "P1", "expires_on": "tomorrow"}, "expiry must be a date"),
     ({"name": "P1", "lifetime_days": "-3"}, "lifetime must be a whole number"),
     ({"name": "P1", "lifetime_days": "0"}, "lifetime must be between 1 and 3650"),
+    ({"name": "P1", "lifetime_days": "\u00b2"}, "lifetime must be a whole number"),
     ({"name": "P1", "managers": ["ghost@example.com"]}, "no account for manager ghost@example.com"),
 ])
 def test_new_package_refusals_are_shown_and_nothing_is_created(app, client, owner, form, message):

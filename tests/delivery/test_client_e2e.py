@@ -71,27 +71,28 @@ def wait_for(condition, timeout: float = 30, message: str = "condition") -> None
 
 def test_client_fetches_verifies_confirms_and_a_second_run_changes_nothing(app, sidecar, tmp_path):
     sidecar()
-    make_product(app, "KIT", {"manual.pdf": 3 * MiB + 123, "extras/tool.bin": 700_000}, max_downloads=3)
+    make_product(app, "KIT", {"manual.pdf": 3 * MiB + 123, "extras/tool.bin": 700_000, "notes/read me ü.txt": 5000},
+                 max_downloads=5)
     link = grant_link(app, "KIT")
     installed = Path(sys.executable).parent / "softgoods-fetch"  # the command scripts/setup installs
     result = subprocess.run([str(installed), f"Your download: {link} (valid 7 days)", "-d", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr
-    assert "all 2 file(s) verified" in result.stdout
+    assert "all 3 file(s) verified" in result.stdout
     assert "ETA" not in result.stderr  # no progress bar when not on a terminal
     disk = Path(app.config["DOWNLOAD_DIR"]) / "KIT"
-    for rel in ("manual.pdf", "extras/tool.bin"):
+    for rel in ("manual.pdf", "extras/tool.bin", "notes/read me ü.txt"):
         assert sha(tmp_path / "out" / rel) == sha(disk / rel)
     assert not list((tmp_path / "out").rglob("*.part*"))
     with app.app_context():
         grant, deliveries, order = state(app)
-        assert sorted(d.evidence for d in deliveries) == ["verified", "verified"]
-        assert (grant.downloads_used, grant.downloads_held) == (2, 0)
+        assert [d.evidence for d in deliveries] == ["verified"] * 3
+        assert (grant.downloads_used, grant.downloads_held) == (3, 0)
         assert (order.status, order.evidence) == ("shipped", "verified")
     again = fetch(link, tmp_path / "out")  # files present and intact: nothing fetched, nothing counted
     assert again.returncode == 0, again.stderr
     with app.app_context():
-        assert state(app)[0].downloads_used == 2
+        assert state(app)[0].downloads_used == 3
 
 
 @pytest.mark.backends("sqlite")

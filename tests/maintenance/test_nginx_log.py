@@ -191,3 +191,29 @@ def test_ingest_command_summarises(runner, tmp_path):
     result = runner.invoke(args=["softgoods", "ingest-nginx-log", str(path)])
     assert result.exit_code == 0, result.output
     assert "1 line(s), 0 delivery request(s) recorded" in result.output and "1 matching no grant" in result.output
+
+
+def test_next_run_starts_where_the_last_one_stopped(app, runner, product, tmp_path):
+    grant_link(app, "GAME", max_downloads=None)
+    with app.app_context():
+        db.session.scalar(select(UserDownload)).symlink_token = "tok"
+        db.session.commit()
+    line = GOOD.replace("/links/tok/a.bin", "/links/tok/small.txt").replace("3000000", "2000")
+    log = tmp_path / "access.log"
+    log.write_text(line + "\n")
+    ingest_cmd = ["softgoods", "ingest-nginx-log", str(log)]
+    assert "1 delivery request(s) recorded" in runner.invoke(args=ingest_cmd).output
+    again = runner.invoke(args=ingest_cmd).output
+    assert f"from byte {len(line) + 1}" in again and "0 line(s)" in again
+    with open(log, "a") as fh:  # nginx appends; the next run reads only the new line
+        fh.write(line.replace("\t5-1\t", "\t5-2\t") + "\n")
+    assert "1 line(s), 1 delivery request(s) recorded" in runner.invoke(args=ingest_cmd).output
+    rotated = log.with_name("access.log.1")
+    log.rename(rotated)  # a renamed file keeps its inode: still nothing new in it
+    assert "0 line(s)" in runner.invoke(args=["softgoods", "ingest-nginx-log", str(rotated)]).output
+    log.write_text(line + "\n")  # a new file at the old name starts from the top; its line is known
+    out = runner.invoke(args=ingest_cmd).output
+    assert "1 line(s), 0 delivery request(s) recorded, 1 already recorded" in out
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(DownloadLog)
+                                 .where(DownloadLog.source == "nginx")) == 2

@@ -10,6 +10,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import select
@@ -93,8 +94,10 @@ def test_slow_copy_is_indexed_once_when_complete(app, watching):
 
 
 @pytest.mark.config(WATCH_DEBOUNCE_MS=300, REHASH_BYTES_PER_SECOND=50 * 1024 * 1024, REHASH_EVERY_SECONDS=0)
-def test_bit_rot_is_flagged_and_an_honest_change_is_not(app, watching):
+def test_bit_rot_is_flagged_and_an_honest_change_is_not(app, watching, sc):
     make_product(app, "KIT", {"good.bin": 200_000, "rot.bin": 200_000})
+    listing = sc.get(grant_link(app, "KIT").split("127.0.0.1:9", 1)[1], headers={"Accept": "application/json"})
+    recorded = {f["path"]: f["sha256"] for f in listing.get_json()["files"]}
     rot = Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "rot.bin"
     watching()
     eventually(lambda: entry(app, "KIT", "good.bin").verified_at, what="first re-hash")
@@ -109,6 +112,10 @@ def test_bit_rot_is_flagged_and_an_honest_change_is_not(app, watching):
     assert "no longer match" in flagged
     with app.app_context():
         assert db.session.scalar(select(AuditEntry.target).where(AuditEntry.action == "file.flagged")) == "KIT/rot.bin"
+    # the owner is told (audit entry, dashboard); the shopper's client can no longer confirm it as verified
+    confirm = sc.post(urlsplit(listing.get_json()["confirm_url"]).path,
+                      json={"path": "rot.bin", "sha256": recorded["rot.bin"]}, headers={"Accept": "application/json"})
+    assert confirm.status_code == 503 and "integrity check" in confirm.get_json()["error"]
     good = Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "good.bin"
     good.write_bytes(b"a new release")  # an honest change: new mtime and size, re-indexed, never flagged
     eventually(lambda: entry(app, "KIT", "good.bin").size == 13, what="honest change re-indexed")
