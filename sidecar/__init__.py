@@ -21,6 +21,11 @@ def create_sidecar(config: Mapping[str, Any] | None = None, env: Mapping[str, st
     app.config.update(settings)
     if config:
         app.config.update(config)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        # A SQLite file cannot "go away" like a server connection: no ping before every checkout (two
+        # per file request). PostgreSQL keeps it (a restarted server must give 503, then recover).
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {**app.config.get("SQLALCHEMY_ENGINE_OPTIONS", {}),
+                                                   "pool_pre_ping": False}
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -22,6 +23,11 @@ from tests.helpers import ROOT, ServerProcess, free_port
 GUNICORN = str(ROOT / ".venv" / "bin" / "gunicorn")
 NGINX = "/usr/sbin/nginx"
 DEPLOY_CONF = ROOT / "deploy" / "nginx-sidecar.conf"
+
+
+def path_of(link: str) -> str:
+    """The path part of a link, for the Flask test client."""
+    return urlsplit(link).path
 
 
 def _gunicorn() -> str:

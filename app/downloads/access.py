@@ -70,20 +70,27 @@ def public_path(grant: UserDownload, entry: FileEntry) -> str:
     return f"{entry.sku}/{entry.path}" if is_class_entitlement(grant) else entry.path
 
 
-def files_for_grant(session: Session, grant: UserDownload) -> list[FileEntry]:
-    """Every servable index entry of this grant: a product's files, its package ZIP, or the files
-    of the products picked under a class entitlement."""
+def grant_files_condition(grant: UserDownload):
+    """The WHERE clause on FileEntry for every servable index entry of this grant: a product's files,
+    its package ZIP, or the files of the products picked under a class entitlement (None: no files)."""
     if is_class_entitlement(grant):
         skus = [choice.product.sku for choice in grant.choices if choice.product is not None]
         if not skus:
-            return []
-        query = select(FileEntry).where(FileEntry.sku.in_(skus))
+            return None
+        where = FileEntry.sku.in_(skus)
     elif grant.product is not None and grant.product.package is not None:
-        query = select(FileEntry).where(FileEntry.sku == PACKAGES_SKU,
-                                        FileEntry.path == f"{grant.product.package.name}.zip")
+        where = (FileEntry.sku == PACKAGES_SKU) & (FileEntry.path == f"{grant.product.package.name}.zip")
     else:
-        query = select(FileEntry).where(FileEntry.sku == grant.sku)
-    return list(session.scalars(query.where(FileEntry.missing.is_(False)).order_by(FileEntry.sku, FileEntry.path)))
+        where = FileEntry.sku == grant.sku
+    return where & FileEntry.missing.is_(False)
+
+
+def files_for_grant(session: Session, grant: UserDownload) -> list[FileEntry]:
+    """Every servable index entry of this grant (``grant_files_condition``), by SKU and path."""
+    where = grant_files_condition(grant)
+    if where is None:
+        return []
+    return list(session.scalars(select(FileEntry).where(where).order_by(FileEntry.sku, FileEntry.path)))
 
 
 def looks_hostile(requested: str) -> bool:

@@ -68,12 +68,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from flask import current_app, has_app_context
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from app.downloads.errors import DigestMismatch, DownloadsExhausted, FileUnavailable, InvalidInput, LinkExpired
 from app.downloads.evidence import add_interval, covered, maybe_ship, order_evidence, parse_intervals
 from app.downloads.models import Delivery, DownloadLog, FileEntry, UserDownload
+from app.store.models import Order
 from app.timeutil import utcnow
 
 __all__ = ["Reservation", "open_request", "close_request", "log_request", "confirm", "grace_allows",
@@ -108,11 +110,33 @@ class Reservation:
 
 # -- locks and slots -------------------------------------------------------------------------------
 
+# The statements of the file-request path are built once, with bound parameters: building an
+# expression and its cache key costs more CPU than SQLite takes to run it (measured, 4 KiB files).
+_GRANT_ID = bindparam("grant_id")
+_NO_SYNC = {"synchronize_session": False}
+
+
+def _within_limit():
+    return or_(UserDownload.max_downloads.is_(None),
+               UserDownload.downloads_used + UserDownload.downloads_held < UserDownload.max_downloads)
+
+
+_LOCK_GRANT = (update(UserDownload).where(UserDownload.id == _GRANT_ID)
+               .values(downloads_used=UserDownload.downloads_used).execution_options(**_NO_SYNC))
+_TAKE_SLOT = (update(UserDownload).where(UserDownload.id == _GRANT_ID, _within_limit())
+              .values(downloads_held=UserDownload.downloads_held + 1).execution_options(**_NO_SYNC))
+_GIVE_SLOT = (update(UserDownload).where(UserDownload.id == _GRANT_ID, UserDownload.downloads_held > 0)
+              .values(downloads_held=UserDownload.downloads_held - 1).execution_options(**_NO_SYNC))
+_COUNT_HELD = (update(UserDownload).where(UserDownload.id == _GRANT_ID)
+               .values(downloads_used=UserDownload.downloads_used + 1,
+                       downloads_held=UserDownload.downloads_held - 1).execution_options(**_NO_SYNC))
+_COUNT_IF_ROOM = (update(UserDownload).where(UserDownload.id == _GRANT_ID, _within_limit())
+                  .values(downloads_used=UserDownload.downloads_used + 1).execution_options(**_NO_SYNC))
+
+
 def _lock_grant(session: Session, grant_id: int) -> None:
     """Serialize the rules per grant: a row lock on PostgreSQL, the write lock on SQLite."""
-    session.execute(update(UserDownload).where(UserDownload.id == grant_id)
-                    .values(downloads_used=UserDownload.downloads_used)
-                    .execution_options(synchronize_session=False))
+    session.execute(_LOCK_GRANT, {"grant_id": grant_id})
 
 
 def _lock_delivery(session: Session, delivery_id: int) -> Delivery:
@@ -122,26 +146,16 @@ def _lock_delivery(session: Session, delivery_id: int) -> Delivery:
                            .execution_options(populate_existing=True)).scalar_one()
 
 
-def _within_limit():
-    return or_(UserDownload.max_downloads.is_(None),
-               UserDownload.downloads_used + UserDownload.downloads_held < UserDownload.max_downloads)
-
-
 def _take_slot(session: Session, grant: UserDownload) -> bool:
     """Hold one download for a delivery that starts, if the limit allows: one conditional UPDATE
     (never read-then-write), so concurrent requests can never pass max_downloads."""
-    result = session.execute(
-        update(UserDownload).where(UserDownload.id == grant.id, _within_limit())
-        .values(downloads_held=UserDownload.downloads_held + 1)
-        .execution_options(synchronize_session=False))
+    result = session.execute(_TAKE_SLOT, {"grant_id": grant.id})
     session.expire(grant, ["downloads_used", "downloads_held"])
     return result.rowcount == 1
 
 
 def _give_slot(session: Session, grant: UserDownload) -> None:
-    session.execute(update(UserDownload).where(UserDownload.id == grant.id, UserDownload.downloads_held > 0)
-                    .values(downloads_held=UserDownload.downloads_held - 1)
-                    .execution_options(synchronize_session=False))
+    session.execute(_GIVE_SLOT, {"grant_id": grant.id})
     session.expire(grant, ["downloads_used", "downloads_held"])
 
 
@@ -151,19 +165,17 @@ def _count(session: Session, grant_id: int, delivery: Delivery) -> None:
     if delivery.counted:
         return
     if delivery.holds_slot:
-        session.execute(update(UserDownload).where(UserDownload.id == grant_id)
-                        .values(downloads_used=UserDownload.downloads_used + 1,
-                                downloads_held=UserDownload.downloads_held - 1)
-                        .execution_options(synchronize_session=False))
+        session.execute(_COUNT_HELD, {"grant_id": grant_id})
         delivery.counted, delivery.holds_slot = True, False
     else:
-        result = session.execute(update(UserDownload).where(UserDownload.id == grant_id, _within_limit())
-                                 .values(downloads_used=UserDownload.downloads_used + 1)
-                                 .execution_options(synchronize_session=False))
-        delivery.counted = result.rowcount == 1
-    grant = session.get(UserDownload, grant_id)
-    if grant is not None:
+        delivery.counted = session.execute(_COUNT_IF_ROOM, {"grant_id": grant_id}).rowcount == 1
+    grant = session.identity_map.get(identity_key(UserDownload, grant_id))
+    if grant is not None:  # only a copy this session already holds can be stale; none is loaded for this
         session.expire(grant, ["downloads_used", "downloads_held"])
+
+
+def _grant_in_session(session: Session, grant_id: int) -> UserDownload:
+    return session.identity_map.get(identity_key(UserDownload, grant_id)) or session.get(UserDownload, grant_id)
 
 
 # -- requests in flight (Delivery.open_ranges: [[token, start, end, charge, presumed_broken, opened], ...]) --
@@ -228,39 +240,59 @@ def _reclaim_slot(session: Session, grant: UserDownload, entry: FileEntry, now: 
     return False
 
 
-def _still_current_version(session: Session, delivery: Delivery) -> bool:
-    current = session.scalar(select(FileEntry.sha256).where(FileEntry.sku == delivery.sku,
-                                                            FileEntry.path == delivery.path))
-    return current is None or current == delivery.sha256
+_FILE_DELIVERIES = (select(Delivery).where(
+    Delivery.grant_id == _GRANT_ID, Delivery.path == bindparam("path"), Delivery.sku == bindparam("sku"),
+    or_(Delivery.closed.is_(False), (Delivery.holds_slot.is_(True) & Delivery.counted.is_(False))))
+    .order_by(Delivery.id.desc()).execution_options(populate_existing=True))
+
+
+def _file_deliveries(session: Session, grant_id: int, entry: FileEntry) -> tuple[Delivery | None, list[Delivery]]:
+    """One query under the grant lock: the current delivery of this file version (the newest one not
+    closed) and the unfinished deliveries of older versions that still hold a slot."""
+    rows = session.scalars(_FILE_DELIVERIES, {"grant_id": grant_id, "sku": entry.sku, "path": entry.path}).all()
+    current = next((d for d in rows if d.sha256 == entry.sha256 and not d.closed), None)
+    older = [d for d in rows if d.sha256 != entry.sha256]
+    return current, older
 
 
 def _current(session: Session, grant_id: int, entry: FileEntry) -> Delivery | None:
     return session.scalars(select(Delivery).where(
-        Delivery.grant_id == grant_id, Delivery.sku == entry.sku, Delivery.path == entry.path,
+        Delivery.grant_id == grant_id, Delivery.path == entry.path, Delivery.sku == entry.sku,
         Delivery.sha256 == entry.sha256, Delivery.closed.is_(False))
         .order_by(Delivery.id.desc()).limit(1).execution_options(populate_existing=True)).first()
 
 
-def _release_older_versions(session: Session, grant: UserDownload, entry: FileEntry) -> None:
+def _release_older_versions(session: Session, grant: UserDownload, older: list[Delivery]) -> None:
     """The shop replaced the file: unfinished deliveries of the old version give their slot back."""
-    for old in session.scalars(select(Delivery).where(
-            Delivery.grant_id == grant.id, Delivery.sku == entry.sku, Delivery.path == entry.path,
-            Delivery.sha256 != entry.sha256, Delivery.counted.is_(False), Delivery.holds_slot.is_(True))
-            .execution_options(populate_existing=True)):
-        old.holds_slot = False
-        old.closed = True
-        _give_slot(session, grant)
+    for old in older:
+        if old.holds_slot and not old.counted:
+            old.holds_slot = False
+            old.closed = True
+            _give_slot(session, grant)
 
 
 # -- the contract ----------------------------------------------------------------------------------
 
-def grace_allows(session: Session, grant: UserDownload, entry: FileEntry, now: datetime | None = None) -> bool:
-    """An expired link may still finish a delivery of this file that started before it expired."""
+def _grace_covers(grant: UserDownload, delivery: Delivery | None, now: datetime) -> bool:
+    if grant.status == "revoked" or now > grant.expires_at + timedelta(seconds=setting("EXPIRY_GRACE_SECONDS")):
+        return False
+    return delivery is not None and delivery.started_at < grant.expires_at and _unfinished(delivery)
+
+
+def grace_allows(session: Session, grant: UserDownload, entry: FileEntry | None = None,
+                 now: datetime | None = None) -> bool:
+    """An expired link may still finish a delivery that started before it expired (within
+    EXPIRY_GRACE_SECONDS): of this file, or with ``entry=None`` of any file of the grant (so the
+    listing, Metalinks and confirmations of that delivery keep working too)."""
     now = now or utcnow()
     if grant.status == "revoked" or now > grant.expires_at + timedelta(seconds=setting("EXPIRY_GRACE_SECONDS")):
         return False
-    delivery = _current(session, grant.id, entry)
-    return delivery is not None and delivery.started_at < grant.expires_at and _unfinished(delivery)
+    if entry is not None:
+        return _grace_covers(grant, _current(session, grant.id, entry), now)
+    started = session.scalar(select(Delivery.id).where(
+        Delivery.grant_id == grant.id, Delivery.closed.is_(False), Delivery.evidence.is_(None),
+        Delivery.counted.is_(False), Delivery.started_at < grant.expires_at).limit(1))
+    return started is not None
 
 
 def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, start: int, length: int,
@@ -270,12 +302,13 @@ def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, sta
         raise InvalidInput(f"bytes {start}+{length} are outside the file ({entry.size} bytes)", status=416)
     reservation = Reservation(grant.id, grant.order.po_number, entry.sku, entry.path, start, length, method=method)
     expired = grant.expires_at <= now
-    if expired and not grace_allows(session, grant, entry, now):
-        raise LinkExpired(grant.expires_at)
     _lock_grant(session, grant.id)
-    delivery = _current(session, grant.id, entry)
+    # Under the grant lock every writer of these rows waits (locks: grant -> delivery -> order), so a
+    # plain read sees the committed state: no separate delivery lock needed.
+    delivery, older = _file_deliveries(session, grant.id, entry)
+    if expired and not _grace_covers(grant, delivery, now):
+        raise LinkExpired(grant.expires_at)
     if delivery is not None:
-        delivery = _lock_delivery(session, delivery.id)
         _presume_broken(delivery, start, setting("INFLIGHT_ALLOWANCE"))
         if delivery.charged_bytes + length <= delivery.budget_bytes:
             if _unfinished(delivery) and not delivery.holds_slot:  # gave its slot back while idle
@@ -297,16 +330,17 @@ def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, sta
         if inherit:  # a restart of an unfinished delivery continues it: same slot, same coverage
             delivery.holds_slot = False
             coverage = parse_intervals(delivery.coverage)
-    _release_older_versions(session, grant, entry)
+    _release_older_versions(session, grant, older)
     budget = max(entry.size, int(entry.size * setting("DELIVERY_BUDGET_FACTOR")))
+    # Born with this request's reservation (one INSERT, no UPDATE after it).
     new = Delivery(grant_id=grant.id, sku=entry.sku, path=entry.path, sha256=entry.sha256, size=entry.size,
                    budget_bytes=budget, charged_bytes=0, coverage=json.dumps(coverage),
                    covered_bytes=covered(coverage), attempts=0, holds_slot=True, closed=False,
                    open_ranges="[]", started_at=now)
+    _reserve(new, reservation, now)
     session.add(new)
     session.flush()
-    _reserve(new, reservation, now)
-    session.flush()
+    reservation.delivery_id = new.id
     return reservation
 
 
@@ -322,8 +356,22 @@ def close_request(session: Session, reservation: Reservation, bytes_sent: int, *
                             start_offset=reservation.start, bytes_sent=bytes_sent, outcome=outcome, at=now))
     if reservation.delivery_id is None:
         return
+    with session.no_autoflush:  # one UPDATE of the delivery at the end, not one per rule that touches it
+        _close_delivery(session, reservation, bytes_sent, now)
+
+
+_CLOSING_DELIVERY = (select(Delivery, FileEntry.sha256, UserDownload.order_id, Order.status)
+                     .join(UserDownload, UserDownload.id == Delivery.grant_id)
+                     .join(Order, Order.id == UserDownload.order_id)
+                     .outerjoin(FileEntry, (FileEntry.sku == Delivery.sku) & (FileEntry.path == Delivery.path))
+                     .where(Delivery.id == bindparam("delivery_id")).execution_options(populate_existing=True))
+
+
+def _close_delivery(session: Session, reservation: Reservation, bytes_sent: int, now: datetime) -> None:
     _lock_grant(session, reservation.grant_id)
-    delivery = _lock_delivery(session, reservation.delivery_id)
+    # One read under the grant lock: the delivery, the file version the index has now, the order's state.
+    delivery, indexed_sha256, order_id, order_status = session.execute(
+        _CLOSING_DELIVERY, {"delivery_id": reservation.delivery_id}).one()
     delivery.last_activity_at = now
     complete = bytes_sent >= reservation.length
     kept = reservation.length if complete else max(0, bytes_sent - setting("INFLIGHT_ALLOWANCE"))
@@ -341,21 +389,22 @@ def close_request(session: Session, reservation: Reservation, bytes_sent: int, *
     if finished_now:
         delivery.evidence = "transferred"
         delivery.completed_at = now
-        if _still_current_version(session, delivery):
+        if indexed_sha256 is None or indexed_sha256 == delivery.sha256:
             _count(session, reservation.grant_id, delivery)
         elif delivery.holds_slot:  # replaced by the shop while on its way: the shopper fetches the new one
             delivery.holds_slot = False
-            _give_slot(session, session.get(UserDownload, reservation.grant_id))
+            _give_slot(session, _grant_in_session(session, reservation.grant_id))
     elif (delivery.holds_slot and _unfinished(delivery) and delivery.covered_bytes < SCANNER_BYTES
           and not _live_in_flight(delivery, now)):
         # A peek (scanner, preview, a download manager's surplus connection) holds no slot once it ends.
         delivery.holds_slot = False
-        _give_slot(session, session.get(UserDownload, reservation.grant_id))
+        _give_slot(session, _grant_in_session(session, reservation.grant_id))
     session.flush()
-    if finished_now:
-        grant = session.get(UserDownload, reservation.grant_id)
-        if grant is not None:
-            maybe_ship(session, grant.order_id, now)
+    # A shipped order already has at least "transferred" evidence: another transfer cannot change it
+    # (only every file's client proof raises it, in confirm). So the whole-order check runs only when
+    # a delivery just completed for an order that is still pending.
+    if finished_now and order_status != "shipped":
+        maybe_ship(session, order_id, now)
 
 
 def log_request(session: Session, grant: UserDownload | None, path: str, *, status: int, outcome: str,

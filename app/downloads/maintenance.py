@@ -150,14 +150,29 @@ def link_folder(symlink_dir: str | Path, token: str) -> Path | None:
     return Path(symlink_dir) / token
 
 
+def holds_only_links(folder: Path) -> bool:
+    """A grant's folder holds symlinks and sub-folders, nothing else. Anything more means
+    SYMLINK_DIR points somewhere it should not (the download dir, a home folder): keep it."""
+    if folder.is_symlink() or not folder.is_dir():
+        return folder.is_symlink()
+    for dirpath, _dirs, names in os.walk(folder):
+        for name in names:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                return False
+    return True
+
+
 def remove_link_folder(symlink_dir: str | Path, token: str) -> bool:
+    """Remove one grant's folder of links; never a folder that holds real files."""
     folder = link_folder(symlink_dir, token)
     if folder is None or not folder.exists() and not folder.is_symlink():
         return False
-    if folder.is_symlink() or not folder.is_dir():
+    if not holds_only_links(folder):
+        return False
+    if folder.is_symlink():
         folder.unlink(missing_ok=True)
     else:
-        shutil.rmtree(folder, ignore_errors=True)  # links only: rmtree never follows them
+        shutil.rmtree(folder, ignore_errors=True)  # links only: rmtree removes links, never follows them
     return True
 
 
@@ -237,10 +252,16 @@ def purge(session: Session, now: datetime, *, dry_run: bool, download_dir: str |
         report.grants_expired = count_expired_grants(session, cutoff)
         tokens = session.scalars(select(UserDownload.symlink_token).where(
             _expired_condition(cutoff), UserDownload.symlink_token.is_not(None)).limit(10_000))
-        report.symlink_dirs = [t for t in tokens if (f := link_folder(symlink_dir, t)) and f.exists()]
+        report.symlink_dirs = [t for t in tokens
+                               if (f := link_folder(symlink_dir, t)) and f.exists() and holds_only_links(f)]
     else:
         report.grants_expired, report.symlink_dirs = expire_grants(session, cutoff, symlink_dir=symlink_dir)
     orphans = orphan_link_folders(session, symlink_dir, now)
+    kept = [name for name in orphans if not holds_only_links(Path(symlink_dir) / name)]
+    if kept:
+        report.notes.append(f"kept {len(kept)} folder(s) in SYMLINK_DIR that hold real files (check the setting): "
+                            + ", ".join(kept[:5]))
+    orphans = [name for name in orphans if name not in kept]
     if not dry_run:
         orphans = [name for name in orphans if remove_link_folder(symlink_dir, name)]
     report.symlink_dirs += orphans

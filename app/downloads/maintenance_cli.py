@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 from flask import current_app
 
+from sqlalchemy.exc import OperationalError
+
 from app.cli import fail
 from app.downloads.maintenance import purge
 from app.extensions import db, limiter
@@ -33,9 +35,12 @@ def register(group: click.Group) -> None:
         """The cron job: expire grants, remove their links, purge packages and old log rows, retry mail."""
         release_limiter_timer()
         cfg = current_app.config
-        report = purge(db.session, utcnow(), dry_run=dry_run, download_dir=cfg["DOWNLOAD_DIR"],
-                       symlink_dir=cfg["SYMLINK_DIR"], grace_seconds=cfg["EXPIRY_GRACE_SECONDS"],
-                       log_retention_days=cfg["LOG_RETENTION_DAYS"])
+        try:
+            report = purge(db.session, utcnow(), dry_run=dry_run, download_dir=cfg["DOWNLOAD_DIR"],
+                           symlink_dir=cfg["SYMLINK_DIR"], grace_seconds=cfg["EXPIRY_GRACE_SECONDS"],
+                           log_retention_days=cfg["LOG_RETENTION_DAYS"])
+        except OperationalError as exc:  # what is done is committed; the next run finishes the rest
+            fail(f"database unavailable, purge stopped: {str(exc.orig).strip().splitlines()[0]}", code=1)
         if dry_run:
             click.echo("dry run: nothing was changed")
         for line in report.lines():
@@ -71,5 +76,7 @@ def register(group: click.Group) -> None:
                                 state_file=Path(current_app.config["INSTANCE_DIR"]) / "nginx-log-positions.json")
         except LogFormatError as exc:
             fail(str(exc))
+        except OperationalError as exc:  # lines recorded so far are committed; the rest next time
+            fail(f"database unavailable, ingestion stopped: {str(exc.orig).strip().splitlines()[0]}", code=1)
         db.session.commit()
         click.echo(report.summary())

@@ -151,12 +151,17 @@ class Watcher:
         self.grace = cfg["EXPIRY_GRACE_SECONDS"]
         self.queue = _Queue(self.download_dir)
         self.indexed: list[str] = []  # what this run (re-)indexed, in order: tests and the log read it
+        self.stop = threading.Event()
 
     # -- the main loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         self.download_dir.mkdir(parents=True, exist_ok=True)
+        self.stop = stop
         with self.app.app_context():
             self._full_pass("start")
+        if stop.is_set():  # asked to stop while waiting for the database
+            self.echo("watcher stopped")
+            return
         observer = Observer()
         observer.schedule(self.queue, str(self.download_dir), recursive=True)
         observer.start()
@@ -167,7 +172,7 @@ class Watcher:
         try:
             while not stop.is_set():
                 with self.app.app_context():
-                    self._index_due()
+                    self._guarded(self._index_due)
                     now = time.monotonic()
                     if now >= next_expiry:
                         self._guarded(self._expire)
@@ -197,10 +202,11 @@ class Watcher:
                 report = index_files(db.session, self.download_dir)
                 db.session.commit()
                 break
-            except (OperationalError, IntegrityError) as exc:  # `softgoods index` ran at the same time
+            except (OperationalError, IntegrityError) as exc:  # `softgoods index` at the same time, or no database
                 db.session.rollback()
                 self.echo(f"index pass interrupted ({exc.__class__.__name__}), retrying")
-                time.sleep(1)
+                if self.stop.wait(2):
+                    return
         self.indexed += report.added + report.changed
         self.echo(f"index pass ({why}): {len(report.added)} added, {len(report.changed)} changed, "
                   f"{len(report.removed)} missing, {report.unchanged} unchanged")

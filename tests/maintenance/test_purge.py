@@ -181,3 +181,33 @@ def test_bad_arguments_get_one_line_and_change_nothing(app, runner, args, messag
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert instance_digest(app) == before
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("args", [["purge"], ["purge", "--dry-run"]])
+def test_database_down_is_one_line_not_a_traceback(env, tmp_path, args):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, free_port
+
+    down = {**os.environ, **env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/gone"}
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "softgoods", *args], cwd=ROOT,
+                          env=down, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: database unavailable, purge stopped:") and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_folder_with_real_files_in_the_link_dir_is_never_removed(app, runner):
+    """A wrong SOFTGOODS_SYMLINK_DIR (say, the download dir) must not cost the shop its files."""
+    precious = Path(app.config["SYMLINK_DIR"]) / "KIT"
+    precious.mkdir()
+    (precious / "manual.pdf").write_bytes(b"%PDF real file")
+    os.utime(precious, (time.time() - 5 * 3600,) * 2)
+    for args in (["purge", "--dry-run"], ["purge"]):
+        result = runner.invoke(args=["softgoods", *args])
+        assert result.exit_code == 0, result.output
+        assert "kept 1 folder(s) in SYMLINK_DIR that hold real files (check the setting): KIT" in result.output
+        assert "remove 0 symlink folder(s)" in result.output or "removed 0 symlink folder(s)" in result.output
+    assert (precious / "manual.pdf").read_bytes() == b"%PDF real file"

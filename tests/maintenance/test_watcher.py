@@ -74,7 +74,7 @@ def test_create_modify_move_delete(app, watching):
                what="folder moved in")
 
 
-@pytest.mark.config(**FAST)
+@pytest.mark.config(**{**FAST, "WATCH_DEBOUNCE_MS": 1000})  # the default: pauses of a busy CI stay below it
 @pytest.mark.backends("sqlite")
 def test_slow_copy_is_indexed_once_when_complete(app, watching):
     root = Path(app.config["DOWNLOAD_DIR"]) / "KIT"
@@ -178,3 +178,24 @@ def test_watch_command_stops_cleanly(env, sig, tmp_path):
     text = log.read_text()
     assert f"{sig.name}: stopping" in text and text.rstrip().endswith("watcher stopped")
     assert "Traceback" not in text
+
+
+@pytest.mark.backends("sqlite")
+def test_watcher_waits_for_the_database_and_still_stops(env, tmp_path):
+    from tests.helpers import free_port
+
+    log = tmp_path / "watch.log"
+    down = {**os.environ, **env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/gone"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flask", "--app", "wsgi", "softgoods", "watch"],
+                                cwd=ROOT, env=down, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        eventually(lambda: "index pass interrupted (OperationalError), retrying" in log.read_text(), timeout=20,
+                   what="the watcher noticing the database is down")
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text() and "watcher stopped" in log.read_text()

@@ -1,13 +1,11 @@
 """Sidecar fixtures: the sidecar app for the test client, and the real servers of tests/servers.py."""
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import pytest
 
 from app.extensions import db
 from sidecar import create_sidecar
-from tests.servers import nginx, sidecar  # noqa: F401  (fixtures)
+from tests.servers import nginx, path_of, sidecar  # noqa: F401  (fixtures; path_of for the tests)
 
 
 @pytest.fixture
@@ -28,7 +26,3 @@ def sidecar_app(app, env, request):
 def sc(sidecar_app):
     """A test client of the sidecar."""
     return sidecar_app.test_client()
-
-
-def path_of(link: str) -> str:
-    return urlsplit(link).path

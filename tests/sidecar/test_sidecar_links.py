@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from app.downloads.models import DownloadLog, UserDownload
 from app.extensions import db
 from app.timeutil import utcnow
-from conftest import path_of
+from tests.servers import path_of
 from tests.helpers import grant_link, make_product
 
 JSON = {"Accept": "application/json"}

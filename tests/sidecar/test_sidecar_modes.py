@@ -92,7 +92,7 @@ def test_refusals_come_from_the_sidecar_in_every_mode(app, sidecar, nginx, produ
 
 def test_accel_answer_names_the_internal_file(app, sidecar_app, sc, product):
     sidecar_app.config["DELIVERY"] = "accel"
-    from conftest import path_of
+    from tests.servers import path_of
 
     link = path_of(grant_link(app, "GAME"))
     resp = sc.get(link + "f/setup/installer bin.exe")
