@@ -12,20 +12,8 @@ from sqlalchemy.exc import OperationalError
 
 from app.cli import fail
 from app.downloads.maintenance import purge
-from app.extensions import db, limiter
+from app.extensions import db
 from app.timeutil import utcnow
-
-
-def release_limiter_timer() -> None:
-    """Let the process exit even under libfaketime (how the acceptance check runs ``purge`` days ahead).
-
-    limits' in-memory storage keeps a non-daemon ``threading.Timer`` of 10 ms; with a faked monotonic
-    clock its wait lasts days of real time and the interpreter waits for it at exit. Commands never
-    rate-limit, so cancelling it costs nothing. (The same hang affects every command under faketime.)
-    """
-    timer = getattr(getattr(limiter, "_storage", None), "timer", None)
-    if timer is not None:
-        timer.cancel()
 
 
 def register(group: click.Group) -> None:
@@ -33,7 +21,6 @@ def register(group: click.Group) -> None:
     @click.option("--dry-run", is_flag=True, help="print what would be removed and change nothing")
     def purge_command(dry_run: bool) -> None:
         """The cron job: expire grants, remove their links, purge packages and old log rows, retry mail."""
-        release_limiter_timer()
         cfg = current_app.config
         try:
             report = purge(db.session, utcnow(), dry_run=dry_run, download_dir=cfg["DOWNLOAD_DIR"],
@@ -51,7 +38,6 @@ def register(group: click.Group) -> None:
         """The watcher: re-index changed files, expire links promptly, re-hash files in the background."""
         from app.downloads.watcher import Watcher
 
-        release_limiter_timer()
         stop = threading.Event()
 
         def on_signal(signum, _frame) -> None:
@@ -68,7 +54,6 @@ def register(group: click.Group) -> None:
         """Record deliveries nginx made (symlink/accel modes) from its access log; each line counts once."""
         from app.downloads.nginx_log import LogFormatError, ingest_log
 
-        release_limiter_timer()
         if not Path(path).is_file():
             fail(f"no log file at {path}")
         try:
