@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,6 +49,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SystemExit(f"error: {name} must be a whole number, not {raw!r}") from None
 
 
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise SystemExit(f"error: {name} must be a positive number, not {raw!r}")
+    return value
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Flask config keys built from the environment variables of DESIGN.md, with their defaults."""
     env = os.environ if env is None else env
@@ -55,6 +69,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     delivery = env.get("SOFTGOODS_DELIVERY") or "pipe"
     if delivery not in DELIVERY_MODES:
         raise SystemExit(f"error: SOFTGOODS_DELIVERY must be one of {', '.join(DELIVERY_MODES)}, not {delivery!r}")
+    mail_from = env.get("SOFTGOODS_MAIL_FROM") or "Softgoods <shop@localhost>"
     db_url = env.get("DATABASE_URL") or f"sqlite:///{instance_dir / 'softgoods.db'}"
     return {
         "INSTANCE_DIR": str(instance_dir),
@@ -64,7 +79,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "SIDECAR_URL": (env.get("SOFTGOODS_SIDECAR_URL") or "http://127.0.0.1:8001").rstrip("/"),
         "DELIVERY": delivery,
         "SMTP_URL": env.get("SOFTGOODS_SMTP_URL") or None,
-        "MAIL_FROM": env.get("SOFTGOODS_MAIL_FROM") or "Softgoods <shop@localhost>",
+        # Shown on every refusal page ("expired", "used up"...) so shoppers know whom to ask.
+        "SHOP_CONTACT": env.get("SOFTGOODS_SHOP_CONTACT") or parseaddr(mail_from)[1],
+        "MAIL_FROM": mail_from,
         "OUTBOX_DIR": str(instance_dir / "outbox"),
         "SYMLINK_DIR": str(Path(env.get("SOFTGOODS_SYMLINK_DIR") or instance_dir / "links").resolve()),
         "SYMLINK_URL": (env.get("SOFTGOODS_SYMLINK_URL") or "/links").rstrip("/"),
@@ -79,7 +96,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "CHECKOUT_RATE_LIMIT": env.get("SOFTGOODS_CHECKOUT_RATE_LIMIT") or "20 per minute",
         "STORE_URL": (env.get("SOFTGOODS_STORE_URL") or "http://127.0.0.1:8000").rstrip("/"),
         # Delivery semantics (DESIGN.md "Delivery semantics"), overridable for owners with odd files.
-        "DELIVERY_BUDGET_FACTOR": float(env.get("SOFTGOODS_BUDGET_FACTOR") or 1.5),
+        "DELIVERY_BUDGET_FACTOR": _float(env, "SOFTGOODS_BUDGET_FACTOR", 1.5),
         "INFLIGHT_ALLOWANCE": _int(env, "SOFTGOODS_INFLIGHT_ALLOWANCE", 16 * 1024 * 1024),
         "EXPIRY_GRACE_SECONDS": _int(env, "SOFTGOODS_EXPIRY_GRACE_SECONDS", 3600),
         # An unfinished delivery idle this long gives its download slot back when another needs it.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, current_app, jsonify, render_template, request
 from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
@@ -26,11 +26,12 @@ def wants_json() -> bool:
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
 
 
-def error_response(status: int, message: str, advice: str = "", headers: dict | None = None):
+def error_response(status: int, message: str, advice: str = "", headers: dict | None = None,
+                   contact: str = ""):
     if wants_json():
         resp = jsonify(error=message)
     else:
-        resp = render_template("error.html", status=status, message=message, advice=advice)
+        resp = render_template("error.html", status=status, message=message, advice=advice, contact=contact)
     if isinstance(resp, str):
         resp = (resp, status)
         from flask import make_response
@@ -44,7 +45,7 @@ def error_response(status: int, message: str, advice: str = "", headers: dict | 
 def register(app: Flask) -> None:
     @app.errorhandler(DeliveryRefused)
     def refused(exc: DeliveryRefused):
-        return error_response(exc.status, exc.message, exc.advice)
+        return error_response(exc.status, exc.message, exc.advice, contact=current_app.config["SHOP_CONTACT"])
 
     @app.errorhandler(InvalidInput)
     def invalid(exc: InvalidInput):

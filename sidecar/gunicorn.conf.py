@@ -24,11 +24,3 @@ backlog = 2048
 accesslog = None
 errorlog = "-"
 
-
-def post_fork(server, worker) -> None:
-    """Hand the GIL over every 1 ms instead of 5 ms: a thread that holds SQLite's write lock (the
-    delivery rules' short transactions) gets the interpreter back sooner from threads that only
-    validate or send, so writers do not queue behind them (measured on the 4 KiB benchmark)."""
-    import sys
-
-    sys.setswitchinterval(0.001)

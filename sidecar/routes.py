@@ -64,13 +64,22 @@ def _open(receipt: str, *, listing: bool = True, finishing=None) -> OpenedGrant:
         raise
 
 
-def _finishing(grant, name: str) -> bool:
-    """Within the grace period, a delivery of this file that started before expiry may finish."""
+def _finishing(grant, name: str | None) -> bool:
+    """Within the grace period, a delivery of this file that started before expiry may finish (its
+    bytes, its Metalink, its confirmation)."""
+    if not isinstance(name, str):
+        return False
     try:
         entry = find_file(db.session, grant, name)
     except FileNotFound:
         return False
     return delivery.grace_allows(db.session, grant, entry)
+
+
+def _finishing_any(grant) -> bool:
+    """Within the grace period, the listing answers while any delivery that started before expiry
+    may finish, so the verifying client can resume it."""
+    return delivery.grace_allows(db.session, grant)
 
 
 def _file_request(receipt: str, name: str) -> FileRequest:
@@ -104,7 +113,7 @@ def _file_request(receipt: str, name: str) -> FileRequest:
 @bp.route("/d/<receipt>/", methods=["GET", "HEAD"])
 @guarded
 def listing(receipt: str):
-    opened = _open(receipt)
+    opened = _open(receipt, finishing=_finishing_any)
     grant = opened.grant
     entries = files_for_grant(db.session, grant)
     evidence = _evidence_by_file(grant.id)
@@ -158,7 +167,7 @@ def file(receipt: str, name: str):
 @bp.route("/d/<receipt>/m/<anypath:name>.meta4", methods=["GET", "HEAD"])
 @guarded
 def metalink(receipt: str, name: str):
-    opened = _open(receipt, listing=False)
+    opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, name))
     entry = find_file(db.session, opened.grant, name)
     url = url_for("sidecar.file", receipt=receipt, name=name, _external=True)
     body = metalink_for(entry, name, url)
@@ -170,8 +179,9 @@ def metalink(receipt: str, name: str):
 @csrf.exempt  # a JSON API called by the verifying client; the secret receipt in the URL is the credential
 @guarded
 def confirm(receipt: str):
-    opened = _open(receipt, listing=False)
     payload = request.get_json(silent=True)
+    named = payload.get("path") if isinstance(payload, dict) else None
+    opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, named))
     if not isinstance(payload, dict) or not isinstance(payload.get("path"), str) \
             or not isinstance(payload.get("sha256"), str):
         raise InvalidInput('Send JSON like {"path": "ch1/intro.pdf", "sha256": "<64 hex digits>"}.', status=400)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from flask import abort, flash, redirect, render_template, request, url_for
+from flask import abort, current_app, flash, redirect, render_template, request, url_for
 from sqlalchemy import or_, select
 
 from app.admin.blueprint import audit, bp, confirm_page, confirmed, refuse
@@ -121,7 +121,7 @@ def grant_action(grant_id: int, action: str):
             rules.add_downloads(db.session, grant, count)
             detail = f"+{count}, now {grant.max_downloads}"
         else:
-            rules.revoke(db.session, grant)
+            rules.revoke(db.session, grant, current_app.config["SYMLINK_DIR"])
             detail = "revoked"
     except InvalidInput as exc:
         return refuse(exc, back)

@@ -19,7 +19,8 @@ CONTRACT between the sidecar's serving code and these rules (see DESIGN.md "Deli
 
     confirm(session, grant, entry, sha256) -> str   -- the client's proof; "verified" or DigestMismatch.
 
-    grace_allows(session, grant, entry, now)         -- may an expired link still serve this file?
+    grace_allows(session, grant, entry=None, now=None) -- may an expired link still finish a delivery
+        that started before expiry (this file's, or any with entry=None: listing, Metalink, confirm)?
     release_stale_deliveries(session, now)           -- for the purge: idle unfinished slots go back.
 
 HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
@@ -57,7 +58,13 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
   limit allows. Known limit: deliberately incomplete range requests, repeated, can fetch more bytes
   than one copy without completing a delivery; each is in the download log with its address.
 * Locks, always in this order: grant row -> delivery row -> order row (no deadlock on PostgreSQL;
-  on SQLite the first write takes the database write lock, so the rules run one at a time).
+  on SQLite the first write takes the database write lock, so the rules run one at a time). Every
+  writer of a delivery holds its grant's lock first, so the file-request path reads deliveries
+  under the grant lock without locking them again.
+* Cost (issue 5, 4 KiB files): a file GET runs a fixed number of statements whatever the number of
+  files: 6 before the first byte (one commit), 5 after the last (one commit), plus one EXISTS when
+  a delivery of a pending order just completed (the order-wide ``maybe_ship`` runs only once that
+  grant has evidence for every file). tests/sidecar/test_sidecar_cost.py holds it there.
 """
 from __future__ import annotations
 
@@ -106,6 +113,9 @@ class Reservation:
     delivery_id: int | None = None
     method: str = "GET"
     token: str = field(default_factory=lambda: secrets.token_hex(8))
+    # The grant's files are "every file of this SKU" (a plain product, not a package or a class
+    # entitlement): the closing side can then tell cheaply whether the grant still lacks evidence.
+    product_sku: str | None = None
 
 
 # -- locks and slots -------------------------------------------------------------------------------
@@ -255,13 +265,6 @@ def _file_deliveries(session: Session, grant_id: int, entry: FileEntry) -> tuple
     return current, older
 
 
-def _current(session: Session, grant_id: int, entry: FileEntry) -> Delivery | None:
-    return session.scalars(select(Delivery).where(
-        Delivery.grant_id == grant_id, Delivery.path == entry.path, Delivery.sku == entry.sku,
-        Delivery.sha256 == entry.sha256, Delivery.closed.is_(False))
-        .order_by(Delivery.id.desc()).limit(1).execution_options(populate_existing=True)).first()
-
-
 def _release_older_versions(session: Session, grant: UserDownload, older: list[Delivery]) -> None:
     """The shop replaced the file: unfinished deliveries of the old version give their slot back."""
     for old in older:
@@ -281,18 +284,23 @@ def _grace_covers(grant: UserDownload, delivery: Delivery | None, now: datetime)
 
 def grace_allows(session: Session, grant: UserDownload, entry: FileEntry | None = None,
                  now: datetime | None = None) -> bool:
-    """An expired link may still finish a delivery that started before it expired (within
-    EXPIRY_GRACE_SECONDS): of this file, or with ``entry=None`` of any file of the grant (so the
-    listing, Metalinks and confirmations of that delivery keep working too)."""
+    """May an expired link still be used, within EXPIRY_GRACE_SECONDS after expiry?
+
+    Yes for a delivery that started before the link expired and had not finished when it expired
+    (of this file, or with ``entry=None`` of any file of the grant): its bytes may still flow, and
+    the listing, the file's Metalink and its confirmation keep answering, so a verifying client can
+    resume, check and prove it. ``open_request`` still never starts a new delivery after expiry.
+    """
     now = now or utcnow()
     if grant.status == "revoked" or now > grant.expires_at + timedelta(seconds=setting("EXPIRY_GRACE_SECONDS")):
         return False
+    query = select(Delivery.id).where(
+        Delivery.grant_id == grant.id, Delivery.started_at < grant.expires_at,
+        or_(Delivery.evidence.is_(None) & Delivery.counted.is_(False) & Delivery.closed.is_(False),
+            Delivery.completed_at >= grant.expires_at))
     if entry is not None:
-        return _grace_covers(grant, _current(session, grant.id, entry), now)
-    started = session.scalar(select(Delivery.id).where(
-        Delivery.grant_id == grant.id, Delivery.closed.is_(False), Delivery.evidence.is_(None),
-        Delivery.counted.is_(False), Delivery.started_at < grant.expires_at).limit(1))
-    return started is not None
+        query = query.where(Delivery.sku == entry.sku, Delivery.path == entry.path, Delivery.sha256 == entry.sha256)
+    return session.scalar(query.limit(1)) is not None
 
 
 def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, start: int, length: int,
@@ -300,7 +308,8 @@ def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, sta
     now = now or utcnow()
     if start < 0 or length < 0 or start + length > entry.size:
         raise InvalidInput(f"bytes {start}+{length} are outside the file ({entry.size} bytes)", status=416)
-    reservation = Reservation(grant.id, grant.order.po_number, entry.sku, entry.path, start, length, method=method)
+    reservation = Reservation(grant.id, grant.order.po_number, entry.sku, entry.path, start, length, method=method,
+                              product_sku=_plain_product_sku(grant))
     expired = grant.expires_at <= now
     _lock_grant(session, grant.id)
     # Under the grant lock every writer of these rows waits (locks: grant -> delivery -> order), so a
@@ -403,8 +412,26 @@ def _close_delivery(session: Session, reservation: Reservation, bytes_sent: int,
     # A shipped order already has at least "transferred" evidence: another transfer cannot change it
     # (only every file's client proof raises it, in confirm). So the whole-order check runs only when
     # a delivery just completed for an order that is still pending.
-    if finished_now and order_status != "shipped":
+    # And a grant that still lacks evidence for one of its files keeps its order pending: that is one
+    # EXISTS query (under this grant's lock its files' evidence cannot change), not the order-wide check.
+    if finished_now and order_status != "shipped" and not (
+            reservation.product_sku is not None and session.scalar(
+                _PRODUCT_FILE_LACKS_EVIDENCE, {"grant_id": reservation.grant_id, "sku": reservation.product_sku})):
         maybe_ship(session, order_id, now)
+
+
+def _plain_product_sku(grant: UserDownload) -> str | None:
+    if grant.entitlement_class or (grant.product is not None and grant.product.package is not None):
+        return None
+    return grant.sku
+
+
+_PRODUCT_FILE_LACKS_EVIDENCE = select(
+    select(FileEntry.id).where(
+        FileEntry.sku == bindparam("sku"), FileEntry.missing.is_(False),
+        ~select(Delivery.id).where(Delivery.grant_id == _GRANT_ID, Delivery.sku == FileEntry.sku,
+                                   Delivery.path == FileEntry.path, Delivery.evidence.is_not(None)).exists())
+    .exists())
 
 
 def log_request(session: Session, grant: UserDownload | None, path: str, *, status: int, outcome: str,

@@ -47,10 +47,16 @@ def add_downloads(session: Session, grant: UserDownload, count: int) -> None:
     session.flush()
 
 
-def revoke(session: Session, grant: UserDownload) -> None:
+def revoke(session: Session, grant: UserDownload, symlink_dir: str | None = None) -> None:
+    """Withdraw a link at once; in symlink mode its folder goes too, or nginx would keep serving it."""
     if grant.status == "revoked":
         raise InvalidInput("this link is already revoked", status=409)
     grant.status = "revoked"
+    if symlink_dir and grant.symlink_token:
+        from app.downloads.maintenance import remove_link_folder
+
+        remove_link_folder(symlink_dir, grant.symlink_token)
+        grant.symlink_token = None
     session.flush()
 
 

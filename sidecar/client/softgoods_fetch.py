@@ -42,6 +42,19 @@ class FetchError(Exception):
     """A reason to stop, in words for the shopper."""
 
 
+class LinkRefused(FetchError):
+    """The shop refused the link itself (used up, expired, revoked, unknown): retrying cannot help."""
+
+    ADVICE = {403: "Please contact the shop and quote your order number if you need the files again.",
+              404: "Check that you copied the whole link from your email.",
+              410: "Please contact the shop and quote your order number if you need the files again."}
+
+    def __init__(self, status: int, message: str):
+        advice = self.ADVICE.get(status, "")
+        super().__init__(f"{message.rstrip()} {advice}".strip() if advice not in message else message)
+        self.status = status
+
+
 class FileChanged(Exception):
     """The shop's file is not the version we were downloading: start that file over, never mix."""
 
@@ -96,6 +109,8 @@ class Http:
     def get_json(self, url: str) -> dict:
         response = self.request("GET", url, {"Accept": "application/json"})
         body = _read_all(response)
+        if response.status in LinkRefused.ADVICE:
+            raise LinkRefused(response.status, _json_error(body) or f"the server answered {response.status} for {url}")
         if response.status != 200:
             raise FetchError(_json_error(body) or f"the server answered {response.status} for {url}")
         try:
@@ -558,14 +573,69 @@ def confirm(http: Http, confirm_url: str, path: str, sha256: str) -> None:
     raise FetchError(f"{path}: the shop did not accept the confirmation: {_json_error(data) or response.status}")
 
 
-def fetch_one(http: Http, link: str, info: dict, directory: str, show_progress: bool) -> None:
+class Manifest:
+    """``<dir>/.softgoods-fetch.json``: the files of each link this folder holds verified and confirmed.
+    A later run needs the shop only for what is missing: once a link is used up or expired, the files
+    already here are still recognised as complete (each is hashed again before it counts)."""
+
+    NAME = ".softgoods-fetch.json"
+
+    def __init__(self, directory: str, link: str):
+        self.path = os.path.join(directory, self.NAME)
+        self.key = hashlib.sha256(link.encode()).hexdigest()[:32]  # the link itself is a secret: not stored
+        try:
+            with open(self.path) as fh:
+                self.data = json.load(fh)
+            if not isinstance(self.data, dict) or not isinstance(self.data.get(self.key, {}), dict):
+                raise ValueError
+        except (OSError, ValueError):
+            self.data = {}
+
+    @property
+    def files(self) -> dict:
+        return self.data.get(self.key, {})
+
+    def confirmed(self, info: dict) -> bool:
+        known = self.files.get(info["path"])
+        return bool(known) and known.get("sha256") == info["sha256"].lower() and known.get("size") == int(info["size"])
+
+    def record(self, info: dict) -> None:
+        self.data.setdefault(self.key, {})[info["path"]] = {"sha256": info["sha256"].lower(), "size": int(info["size"])}
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.data, fh)
+        os.replace(tmp, self.path)
+
+    def all_here(self, directory: str) -> list[str] | None:
+        """The paths of this link's files, when every one is here with its confirmed SHA-256; else None."""
+        files = self.files
+        if not files:
+            return None
+        for path, known in files.items():
+            try:
+                dest = safe_destination(directory, path)
+            except FetchError:
+                return None
+            if not (os.path.isfile(dest) and os.path.getsize(dest) == known.get("size")
+                    and file_sha256(dest) == known.get("sha256")):
+                return None
+        return sorted(files)
+
+
+def fetch_one(http: Http, link: str, info: dict, directory: str, show_progress: bool,
+              manifest: Manifest | None = None) -> None:
     dest = safe_destination(directory, info["path"])
     for restart in range(MAX_VERSION_RESTARTS + 1):
         try:
-            if not (os.path.isfile(dest) and os.path.getsize(dest) == int(info["size"])
-                    and file_sha256(dest) == info["sha256"].lower()):
+            intact = (os.path.isfile(dest) and os.path.getsize(dest) == int(info["size"])
+                      and file_sha256(dest) == info["sha256"].lower())
+            if not intact:
                 FileJob(http, info, dest, show_progress).run()
+            elif manifest is not None and manifest.confirmed(info):
+                return  # here, intact, and the shop has our proof already
             retrying(info["path"], confirm, http, listing_confirm_url(http, link), info["path"], info["sha256"])
+            if manifest is not None:
+                manifest.record(info)
             return
         except FileChanged as changed:
             if restart == MAX_VERSION_RESTARTS:
@@ -604,7 +674,17 @@ def main(argv: list | None = None) -> int:
     http = Http(args.timeout)
     try:
         link = link_from(args.link, args.server)
-        listing = retrying("file list", http.get_json, link)
+        manifest = Manifest(args.dir, link)
+        local = manifest.all_here(args.dir)
+        try:
+            # Everything verified here already: one try (no retries), the shop is only asked for news.
+            listing = http.get_json(link) if local else retrying("file list", http.get_json, link)
+        except (LinkRefused, Transient) as exc:
+            if not local:
+                raise
+            say(f"all {len(local)} file(s) of this link are already verified in {args.dir}; nothing to fetch "
+                f"(the shop did not answer the link: {exc})", err=False)
+            return 0
         if not (isinstance(listing, dict) and isinstance(listing.get("files"), list) and listing.get("confirm_url")):
             raise FetchError(f"{link} did not answer with a Softgoods file list (is this a download link?)")
         _confirm_urls[link] = listing["confirm_url"]
@@ -614,7 +694,7 @@ def main(argv: list | None = None) -> int:
         os.makedirs(args.dir, exist_ok=True)
         show_progress = sys.stderr.isatty() and not QUIET
         for info in files:
-            fetch_one(http, link, info, args.dir, show_progress)
+            fetch_one(http, link, info, args.dir, show_progress, manifest)
             say(f"verified  {info['path']}  ({int(info['size'])} bytes, sha256 {info['sha256'][:16]}...)", err=False)
     except FetchError as exc:
         print(f"softgoods-fetch: error: {exc}", file=sys.stderr)

@@ -159,7 +159,9 @@ def test_sidecar_killed_mid_transfer_then_restarted_client_resumes_one_download(
 @pytest.mark.backends("sqlite")
 def test_client_killed_and_started_again_resumes_from_its_state(app, sidecar, fault_proxy, tmp_path):
     server = sidecar()
-    size = 8 * MiB
+    # Larger than what loopback socket buffers and the proxy can hold (~10 MiB): otherwise the sidecar
+    # may see the old version's last byte leave, and count it, before the shop replaces the file.
+    size = 24 * MiB
     make_product(app, "KIT", {"big.iso": size})
     proxy = fault_proxy(server.port, rate=4 * MiB)
     through_proxy(app, proxy)
@@ -182,7 +184,9 @@ def test_client_killed_and_started_again_resumes_from_its_state(app, sidecar, fa
 @pytest.mark.backends("sqlite")
 def test_file_replaced_during_download_never_ends_as_a_mix(app, sidecar, fault_proxy, tmp_path):
     server = sidecar()
-    size = 8 * MiB
+    # Larger than what loopback socket buffers and the proxy can hold (~10 MiB): otherwise the sidecar
+    # may see the old version's last byte leave, and count it, before the shop replaces the file.
+    size = 24 * MiB
     make_product(app, "KIT", {"big.iso": size})
     proxy = fault_proxy(server.port, rate=4 * MiB)
     through_proxy(app, proxy)
@@ -258,3 +262,52 @@ def test_an_unwritable_folder_is_one_clear_line(app, sidecar, tmp_path):
     blocker.write_text("a file where the folder should be")
     result = fetch(grant_link(app, "KIT"), blocker)
     assert result.returncode == 1 and "cannot write" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rerun_after_the_last_download_needs_no_server_and_a_new_folder_gets_one_clear_line(app, sidecar, tmp_path):
+    """max_downloads=1: the first run uses it up. Running again in the same folder finds every file
+    verified locally and says so (exit 0, nothing counted); in an empty folder it stops with one line."""
+    sidecar()
+    make_product(app, "SOLO", {"only.bin": 2 * MiB + 5}, max_downloads=1)
+    link = grant_link(app, "SOLO")
+    first = fetch(link, tmp_path / "out")
+    assert first.returncode == 0, first.stderr
+    with app.app_context():
+        assert state(app, "SOLO")[0].downloads_left == 0
+    again = fetch(link, tmp_path / "out")
+    assert again.returncode == 0, again.stderr
+    assert "already verified" in again.stdout and "Traceback" not in again.stderr
+    assert "All downloads of this link have been used" in again.stdout + again.stderr
+    elsewhere = fetch(link, tmp_path / "elsewhere")
+    assert elsewhere.returncode == 1
+    lines = [line for line in elsewhere.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in elsewhere.stderr, elsewhere.stderr
+    assert lines[0].startswith("softgoods-fetch: error: All downloads of this link have been used."), lines
+    assert "contact the shop" in lines[0]
+    with app.app_context():
+        assert state(app, "SOLO")[0].downloads_used == 1
+
+
+def test_client_finishes_and_confirms_a_delivery_that_started_before_expiry(app, sidecar, tmp_path):
+    """Within the expiry grace the client lists, fetches the Metalink, completes and confirms the file
+    whose delivery began before the link expired."""
+    from datetime import timedelta
+
+    from app.timeutil import utcnow
+
+    sidecar()
+    make_product(app, "LATE", {"late.bin": 3 * MiB}, max_downloads=None)
+    link = grant_link(app, "LATE")
+    assert subprocess.run(["curl", "-sf", "-r", "0-999999", "-o", str(tmp_path / "first-part"), link + "f/late.bin"],
+                          timeout=30).returncode == 0
+    with app.app_context():
+        grant, deliveries, _order = state(app, "LATE")
+        grant.expires_at = utcnow() - timedelta(minutes=5)
+        for started in deliveries:
+            started.started_at = utcnow() - timedelta(minutes=10)
+        db.session.commit()
+    result = fetch(link, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert sha(tmp_path / "out" / "late.bin") == sha(Path(app.config["DOWNLOAD_DIR"]) / "LATE" / "late.bin")
+    with app.app_context():
+        assert [d.evidence for d in state(app, "LATE")[1]] == ["verified"]

@@ -15,8 +15,8 @@ from tests.servers import path_of
 
 # Request side: grant (+ order, product), file entry, grant lock, the file's deliveries, slot, INSERT.
 # Closing side: log row, grant lock, delivery (+ index, order), UPDATE delivery, count; while the
-# order is pending, the shipping check: order lock, its grants, one EXISTS per grant.
-GET_BUDGET = 14
+# order is pending, one EXISTS: does this grant still lack evidence for a file?
+GET_BUDGET = 12
 # A second copy of a shipped order's file: no shipping check, one more UPDATE closing the first delivery.
 GET_OF_A_SHIPPED_ORDER_BUDGET = 12
 

@@ -259,6 +259,8 @@ def test_log_counts_match(app, sc):
 
 
 def test_expired_link_may_finish_a_started_delivery_within_grace(app, sc):
+    """Within the grace, a delivery that began before expiry finishes the way the verifying client does
+    it: listing, Metalink, the missing bytes, confirm. Nothing new starts; past the grace all is 410."""
     make_product(app, "BOOK", FILES)
     link = path_of(grant_link(app, "BOOK"))
     assert sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=0-999"}).status_code == 206
@@ -269,14 +271,27 @@ def test_expired_link_may_finish_a_started_delivery_within_grace(app, sc):
         for started in db.session.scalars(select(Delivery)):
             started.started_at = utcnow() - timedelta(minutes=10)  # it began before the link expired
         db.session.commit()
-    assert sc.get(link, headers=JSON).status_code == 410
+    listed = sc.get(link, headers=JSON)
+    assert listed.status_code == 200, listed.data
+    assert {f["path"] for f in listed.get_json()["files"]} == set(FILES)
+    assert sc.get(link + "m/ch1/intro.pdf.meta4").status_code == 200
+    assert sc.get(link + "m/readme.txt.meta4").status_code == 410
     assert sc.get(link + "f/readme.txt").status_code == 410  # never started: no grace
     resumed = sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=1000-"})
     assert resumed.status_code == 206 and len(resumed.data) == 4000
+    with open(app.config["DOWNLOAD_DIR"] + "/BOOK/ch1/intro.pdf", "rb") as fh:
+        intro = hashlib.sha256(fh.read()).hexdigest()
+    confirmed = sc.post(link + "confirm", json={"path": "ch1/intro.pdf", "sha256": intro}, headers=JSON)
+    assert confirmed.status_code == 200 and confirmed.get_json() == {"status": "verified"}
+    readme = hashlib.sha256(FILES["readme.txt"]).hexdigest()
+    assert sc.post(link + "confirm", json={"path": "readme.txt", "sha256": readme}, headers=JSON).status_code == 410
     with app.app_context():
         _grant(app).expires_at = utcnow() - timedelta(days=1)  # past the grace period
         db.session.commit()
     assert sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=1000-"}).status_code == 410
+    assert sc.get(link, headers=JSON).status_code == 410
+    assert sc.get(link + "m/ch1/intro.pdf.meta4").status_code == 410
+    assert sc.post(link + "confirm", json={"path": "ch1/intro.pdf", "sha256": intro}, headers=JSON).status_code == 410
 
 
 @pytest.mark.backends("sqlite")
