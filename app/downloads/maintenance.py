@@ -143,6 +143,20 @@ def expire_grants(session: Session, cutoff: datetime, *, symlink_dir: str | Path
     return expired, removed
 
 
+def retire_link_folders(session: Session, now: datetime, symlink_dir: str | Path) -> list[str]:
+    """Remove the symlink folders of grants that expired by ``now`` (no grace: nginx serves those links to
+    anyone who has them, so they go the moment the grant expires; transfers already open in nginx keep
+    their file descriptor and finish). The grant's status is left to ``expire_grants`` after the grace."""
+    rows = session.execute(select(UserDownload.id, UserDownload.symlink_token)
+                           .where(UserDownload.symlink_token.is_not(None), UserDownload.expires_at <= now)).all()
+    if not rows:
+        return []
+    session.execute(update(UserDownload).where(UserDownload.id.in_([r.id for r in rows]))
+                    .values(symlink_token=None).execution_options(synchronize_session=False))
+    session.commit()  # before the folders go: a crash leaves orphans for the purge, never a live grant without links
+    return [r.symlink_token for r in rows if remove_link_folder(symlink_dir, r.symlink_token)]
+
+
 def link_folder(symlink_dir: str | Path, token: str) -> Path | None:
     """The folder of one grant's links; None for a token that could name anything else."""
     if not token or "/" in token or token.startswith("."):

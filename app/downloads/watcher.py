@@ -253,7 +253,12 @@ class Watcher:
         return recorded is not None and not recorded.missing and (recorded.size, recorded.mtime_ns) == signature
 
     def _expire(self) -> None:
-        cutoff = maintenance.expiry_cutoff(utcnow(), self.grace)
+        now = utcnow()
+        if self.symlink_dir:
+            retired = maintenance.retire_link_folders(db.session, now, self.symlink_dir)
+            if retired:
+                self.echo(f"removed {len(retired)} symlink folder(s) of links that expired")
+        cutoff = maintenance.expiry_cutoff(now, self.grace)
         count, folders = maintenance.expire_grants(db.session, cutoff, symlink_dir=self.symlink_dir,
                                                        only_linked=True)
         if count:

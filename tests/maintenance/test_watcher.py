@@ -123,8 +123,9 @@ def test_bit_rot_is_flagged_and_an_honest_change_is_not(app, watching, sc):
     assert entry(app, "KIT", "good.bin").flagged is None
 
 
-@pytest.mark.config(**FAST, EXPIRY_GRACE_SECONDS=0)
+@pytest.mark.config(**FAST, EXPIRY_GRACE_SECONDS=3600)
 def test_symlink_folder_goes_when_its_grant_expires(app, watching):
+    """At expiry itself, not after the grace: nginx would serve the folder to anyone holding its URL."""
     make_product(app, "KIT", {"a.bin": 100})
     grant_link(app, "KIT")
     folder = Path(app.config["SYMLINK_DIR"]) / "tok-expiring"
@@ -141,6 +142,9 @@ def test_symlink_folder_goes_when_its_grant_expires(app, watching):
     eventually(lambda: not folder.exists(), what="symlink folder removal")
     assert time.monotonic() - started < 5
     assert (Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "a.bin").exists()  # the link went, not the file
+    with app.app_context():  # the grant itself is expired by the purge after the grace
+        grant = db.session.scalar(select(UserDownload))
+        assert grant.symlink_token is None and grant.status == "active"
 
 
 @pytest.mark.config(**FAST)
