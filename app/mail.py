@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from flask import current_app, render_template
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.downloads.grants import link_for
 from app.downloads.models import OutboxMessage
@@ -53,6 +53,8 @@ def build_message(to: str, subject: str, text: str, html: str) -> EmailMessage:
 
 def order_links(order: Order) -> list[dict]:
     """One entry per grant: what the thank-you page, the email and My downloads all show."""
+    from app.downloads.access import used_up  # not at import: it builds statements over every model
+
     entries = []
     for grant in sorted(order.downloads, key=lambda g: g.id):
         entries.append({
@@ -61,7 +63,8 @@ def order_links(order: Order) -> list[dict]:
             "url": link_for(grant),
             "expires_at": grant.expires_at,
             "max_downloads": grant.max_downloads,
-            "downloads_left": grant.downloads_left,
+            # The limit is per file: the summary says "N downloads per file" and whether all are used.
+            "used_up": used_up(object_session(grant), grant),
             "status": grant.status,
             "entitlement": (f"{grant.entitlement_count} items of the {grant.entitlement_class} collection, "
                             "chosen when you open the link") if grant.entitlement_class else None,

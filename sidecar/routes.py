@@ -13,10 +13,10 @@ from werkzeug.routing import PathConverter
 
 from app.downloads import delivery
 from app.downloads.access import (
-    OpenedGrant, choices_left, choose_entitlement, class_offer, files_for_grant, find_file, is_class_entitlement,
-    open_grant, public_path, real_path,
+    OpenedGrant, choices_left, choose_entitlement, class_offer, counted_by_file, file_downloads_left, files_for_grant,
+    find_file, flag_unreadable, is_class_entitlement, open_grant, public_path, real_path,
 )
-from app.downloads.errors import DeliveryRefused, FileNotFound, InvalidInput, LinkNotFound
+from app.downloads.errors import DeliveryRefused, FileNotFound, FileUnreadable, InvalidInput, LinkNotFound
 from app.downloads.metalink import MEDIA_TYPE, metalink_for
 from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
@@ -84,7 +84,7 @@ def _finishing_any(grant) -> bool:
 
 def _file_request(receipt: str, name: str) -> FileRequest:
     """Validate the link and resolve the file; every refusal is written to the download log."""
-    grant = None
+    grant = entry = None
     try:
         opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, name))
         grant = opened.grant
@@ -98,6 +98,10 @@ def _file_request(receipt: str, name: str) -> FileRequest:
         db.session.rollback()
         if isinstance(refusal, FileNotFound):
             log.warning("refused path %r from %s", name, client_address())
+        if isinstance(refusal, FileUnreadable) and entry is not None:
+            log.error("product file %s cannot be read (%s): answered 503 and flagged for the owner",
+                      entry.registered_path, refusal.reason)
+            flag_unreadable(db.session, entry, refusal.reason)
         shown = name.replace("\0", "\\0")[:1024]  # PostgreSQL text cannot hold NUL
         delivery.log_request(db.session, grant, shown, status=refusal.status, outcome="refused",
                              client_ip=client_address(), user_agent=request.user_agent.string,
@@ -117,6 +121,7 @@ def listing(receipt: str):
     grant = opened.grant
     entries = files_for_grant(db.session, grant)
     evidence = _evidence_by_file(grant.id)
+    counted = counted_by_file(db.session, grant) if grant.max_downloads is not None else {}
     files = [{
         "path": public_path(grant, e),
         "size": e.size,
@@ -124,7 +129,7 @@ def listing(receipt: str):
         "media_type": e.media_type,
         "url": url_for("sidecar.file", receipt=receipt, name=public_path(grant, e), _external=True),
         "metalink_url": url_for("sidecar.metalink", receipt=receipt, name=public_path(grant, e), _external=True),
-        "downloads_left": grant.downloads_left,
+        "downloads_left": file_downloads_left(grant, counted, e),  # the limit is per file
         "evidence": evidence.get((e.sku, e.path)),
     } for e in entries]
     order = grant.order

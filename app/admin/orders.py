@@ -43,7 +43,7 @@ def _readable(row: dict) -> dict:
     shown = {}
     for key, value in row.items():
         if key in ("downloads_used", "max_downloads"):
-            continue  # the grants table shows them
+            continue  # the grants table shows them (each row has its own file's "downloads left")
         if isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value))
         elif isinstance(value, datetime):
@@ -108,7 +108,7 @@ def grant_action(grant_id: int, action: str):
             question, fields = f"Extend {target} ({grant.sku}) by {days} day(s)?", {"days": str(days)}
         elif action == "add-downloads":
             count = rules.parse_count(request.form.get("count"), "downloads", rules.MAX_ADD_DOWNLOADS)
-            question, fields = f"Add {count} download(s) to {target} ({grant.sku})?", {"count": str(count)}
+            question, fields = f"Add {count} download(s) per file to {target} ({grant.sku})?", {"count": str(count)}
         else:
             question, fields = f"Revoke {target} ({grant.sku})? The shopper's link stops working at once.", {}
         if not confirmed():
@@ -119,7 +119,7 @@ def grant_action(grant_id: int, action: str):
             detail = f"+{days} days, now expires {grant.expires_at:%Y-%m-%d %H:%M} UTC"
         elif action == "add-downloads":
             rules.add_downloads(db.session, grant, count)
-            detail = f"+{count}, now {grant.max_downloads}"
+            detail = f"+{count}, now {grant.max_downloads} per file"
         else:
             rules.revoke(db.session, grant, current_app.config["SYMLINK_DIR"])
             detail = "revoked"

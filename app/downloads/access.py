@@ -11,14 +11,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from app.downloads.errors import (
-    AddressMismatch, DownloadsExhausted, FileNotFound, FileUnavailable, InvalidInput, LinkExpired,
+    AddressMismatch, DownloadsExhausted, FileNotFound, FileUnavailable, FileUnreadable, InvalidInput, LinkExpired,
     LinkNotFound, LinkRevoked,
 )
-from app.downloads.models import PACKAGES_SKU, EntitlementChoice, FileEntry, UserDownload
+from app.downloads.models import PACKAGES_SKU, Delivery, EntitlementChoice, FileEntry, UserDownload
 from app.downloads.receipts import Receipt, address_tag, key_matches, read_receipt
 from app.store.models import Product
 from app.timeutil import utcnow
@@ -43,8 +43,8 @@ def open_grant(session: Session, secret: str, token: str, client_ip: str, *, lis
                now: datetime | None = None) -> OpenedGrant:
     """Validate a link, in this order: signature (no database query when forged), grant + key + order,
     revoked 403, expired 410 (unless ``finishing(grant)`` says a delivery that started before expiry
-    may still finish), limit used up 403 (listings only: for files the counting rules decide, so a
-    delivery in progress may finish), bound address 403.
+    may still finish), every file used up 403 (listings only: for files the counting rules decide,
+    so a delivery in progress may finish), bound address 403.
     """
     receipt = read_receipt(secret, token)
     # One query for the grant, its order and product (+ package): every request needs them.
@@ -59,7 +59,7 @@ def open_grant(session: Session, secret: str, token: str, client_ip: str, *, lis
     if grant.status == "expired" or grant.expires_at <= now:
         if finishing is None or not finishing(grant):
             raise LinkExpired(grant.expires_at)
-    if listing and grant.downloads_left == 0:
+    if listing and used_up(session, grant):
         raise DownloadsExhausted()
     if grant.bound_ip and not hmac.compare_digest(address_tag(secret, client_ip),
                                                   address_tag(secret, grant.bound_ip)):
@@ -100,6 +100,38 @@ def files_for_grant(session: Session, grant: UserDownload) -> list[FileEntry]:
     return list(session.scalars(select(FileEntry).where(where).order_by(FileEntry.sku, FileEntry.path)))
 
 
+_COUNTED_BY_FILE = (select(Delivery.sku, Delivery.path, func.count(Delivery.id))
+                    .where(Delivery.grant_id == bindparam("grant_id"), Delivery.counted.is_(True))
+                    .group_by(Delivery.sku, Delivery.path))
+
+
+def counted_by_file(session: Session, grant: UserDownload) -> dict[tuple[str, str], int]:
+    """Complete deliveries counted per file (sku, path) of this grant: the limit is per file."""
+    return {(sku, path): n for sku, path, n in session.execute(_COUNTED_BY_FILE, {"grant_id": grant.id})}
+
+
+def file_downloads_left(grant: UserDownload, counted: dict[tuple[str, str], int], entry: FileEntry) -> int | None:
+    """What the listing shows for one file: max_downloads minus its counted deliveries (None: unlimited)."""
+    if grant.max_downloads is None:
+        return None
+    return max(0, grant.max_downloads - counted.get((entry.sku, entry.path), 0))
+
+
+def used_up(session: Session, grant: UserDownload) -> bool:
+    """Is every file of the grant completely delivered ``max_downloads`` times (the listing's 403)?
+
+    A grant with no file yet, or a class entitlement with picks left, is not used up: there is still
+    something to fetch. Cheap for most links: if the grant's total of counted deliveries is below
+    ``max_downloads``, no file can have reached it, and no query runs."""
+    if grant.max_downloads is None or grant.downloads_used < grant.max_downloads:
+        return False
+    if is_class_entitlement(grant) and choices_left(grant) > 0:
+        return False
+    entries = files_for_grant(session, grant)
+    counted = counted_by_file(session, grant)
+    return bool(entries) and all(file_downloads_left(grant, counted, e) == 0 for e in entries)
+
+
 def looks_hostile(requested: str) -> bool:
     """Shapes no index entry can have; refused before any lookup (and logged by the caller)."""
     parts = requested.split("/")
@@ -132,8 +164,9 @@ def find_file(session: Session, grant: UserDownload, requested: str) -> FileEntr
 def real_path(download_dir: str, entry: FileEntry) -> Path:
     """The entry's file on disk, guaranteed inside DOWNLOAD_DIR/<SKU>/ (symlinks resolved).
 
-    FileNotFound when a link leads out of the tree; FileUnavailable when the file is gone or differs
-    from what was indexed (being replaced: never serve bytes that do not match the listed SHA-256).
+    FileNotFound when a link leads out of the tree; FileUnreadable when the file is gone (or a link
+    dangles); FileUnavailable when it differs from what was indexed (being replaced: never serve
+    bytes that do not match the listed SHA-256).
     """
     root = (Path(download_dir) / entry.sku).resolve()
     full = (root / entry.path).resolve()
@@ -141,12 +174,33 @@ def real_path(download_dir: str, entry: FileEntry) -> Path:
         raise FileNotFound()
     try:
         st = os.stat(full)
-    except OSError:
-        raise FileUnavailable() from None
+    except OSError as exc:
+        raise FileUnreadable(unreadable_reason(exc)) from None
     if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
         raise FileUnavailable("This file is being updated right now.",
                               advice="Please try again in a few minutes.")
     return full
+
+
+UNREADABLE = "unreadable on disk"  # the prefix of the flag set below (a later good read clears it)
+
+
+def unreadable_reason(exc: OSError) -> str:
+    return f"{UNREADABLE}: {exc.strerror or exc.__class__.__name__}"[:200]
+
+
+def flag_unreadable(session: Session, entry: FileEntry, reason: str) -> None:
+    """Flag an indexed file that cannot be read, for the owner's dashboard (an integrity flag stays)."""
+    session.execute(update(FileEntry).where(FileEntry.id == entry.id, FileEntry.flagged.is_(None))
+                    .values(flagged=reason[:200]).execution_options(synchronize_session=False))
+
+
+def clear_unreadable(session: Session, entry: FileEntry) -> None:
+    """The file reads again (the owner fixed it): drop the flag ``flag_unreadable`` set. No query
+    unless the entry carries that flag."""
+    if entry.flagged and entry.flagged.startswith(UNREADABLE):
+        session.execute(update(FileEntry).where(FileEntry.id == entry.id, FileEntry.flagged == entry.flagged)
+                        .values(flagged=None).execution_options(synchronize_session=False))
 
 
 def choose_entitlement(session: Session, grant: UserDownload, sku: str) -> EntitlementChoice:

@@ -5,7 +5,7 @@ CONTRACT between the sidecar's serving code and these rules (see DESIGN.md "Deli
     reservation = open_request(session, grant, entry, start=..., length=..., method=..., now=None)
         Called before the first byte of a file response (GET with body, full or ranged).
         Reserves ``length`` bytes against the grant's current delivery of this file (or starts a
-        new delivery). Raises DownloadsExhausted when a *new* delivery would pass max_downloads,
+        new delivery). Raises DownloadsExhausted when a *new* delivery would pass this file's max_downloads,
         LinkExpired when the link expired and no delivery that started before expiry is unfinished.
         The caller commits right away (so concurrent requests see the reservation).
 
@@ -28,11 +28,23 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
 * A *delivery* is one attempt to hand one file version (grant, sku, path, sha256) to the shopper.
   Per file version at most one delivery is *current* (not ``closed``); every file request joins the
   current delivery while its byte budget (``DELIVERY_BUDGET_FACTOR`` x size) has room.
+* The limit is PER FILE: each file (sku, path) of a grant may be completely delivered
+  ``max_downloads`` times; a product of 3 files with ``max_downloads=2`` delivers each file twice.
+  A file's slots in use are its deliveries that are ``counted`` or ``holds_slot``.
 * The slot is taken when a delivery STARTS: ``downloads_held`` goes up by a conditional UPDATE
-  (``... WHERE max_downloads IS NULL OR downloads_used + downloads_held < max_downloads``, rowcount
-  checked), so the limit holds before any byte leaves and under any concurrency. When the delivery
-  is counted (coverage complete, or a matching confirm) the held slot becomes a used one
-  (``downloads_used`` + 1, ``downloads_held`` - 1): ``downloads_left`` shows completed deliveries only.
+  (``... WHERE id = :g AND (max_downloads IS NULL OR (SELECT count(*) FROM deliveries WHERE grant_id
+  = :g AND sku = :sku AND path = :path AND (counted OR holds_slot)) < max_downloads)``, rowcount
+  checked), so the limit holds before any byte leaves and under any concurrency. This is correct on
+  PostgreSQL READ COMMITTED only because the grant row is locked by an EARLIER statement of the same
+  transaction (``_lock_grant``): each statement takes a fresh snapshot, so the UPDATE's sub-select
+  sees every delivery committed by the previous holder of the lock. Were the lock taken by the UPDATE
+  itself, a waiter would re-check only the grant row after the wait (EvalPlanQual) and count the
+  deliveries from its old snapshot: concurrent requests would pass the limit (checked: without the
+  earlier lock the 20-vs-3 test of test_counting_rules serves more than 3 on PostgreSQL). On SQLite the first write takes the database write
+  lock, so the sub-select reads the latest state. When the delivery is counted (coverage complete, or
+  a matching confirm) its held slot becomes a used one (``downloads_used`` + 1, ``downloads_held``
+  - 1). ``downloads_used`` is the grant's total of counted deliveries (what the owner sees);
+  ``downloads_left_by_file`` gives each file's ``max_downloads`` - its counted deliveries.
 * Unfinished deliveries give their slot back, so partial transfers never use up a download:
   - a restart that does not fit the budget of an unfinished delivery with nothing in flight
     *continues* it: the new delivery inherits its coverage and its slot (no second count);
@@ -40,8 +52,8 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
     and a delivery that completes after its version was replaced is recorded but not counted;
   - an unfinished delivery that carried only scanner-sized bytes gives its slot back as soon as its
     last request ends (a resume takes one again);
-  - when a grant has no slot left and a new delivery is asked for, an unfinished delivery of the same
-    grant that is idle for ``DELIVERY_STALE_SECONDS`` or carried only scanner-sized bytes
+  - when a file has no slot left and a new delivery of it is asked for, an unfinished delivery of the
+    same grant and file that is idle for ``DELIVERY_STALE_SECONDS`` or carried only scanner-sized bytes
     (< ``SCANNER_BYTES``, nothing in flight) gives its slot to the new one; ``release_stale_deliveries``
     (run by the purge) does the same for idle ones so ``downloads_left`` reads right.
   A delivery that lost its slot and is resumed later must take a slot again (403 if none is left).
@@ -75,7 +87,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from flask import current_app, has_app_context
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
@@ -91,6 +103,8 @@ __all__ = ["Reservation", "open_request", "close_request", "log_request", "confi
 SCANNER_BYTES = 64 * 1024  # what a link scanner or preview fetches; never worth a download
 ORPHAN_MAX_AGE = timedelta(hours=24)  # a request "in flight" this long belongs to a dead process
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# A file request past its file's limit (the listing's 403 says "of this link": every file is used up).
+FILE_USED_UP = "All downloads of this file have been used."
 
 DEFAULTS = {"DELIVERY_BUDGET_FACTOR": 1.5, "INFLIGHT_ALLOWANCE": 16 * 1024 * 1024,
             "EXPIRY_GRACE_SECONDS": 3600, "DELIVERY_STALE_SECONDS": 3600}
@@ -126,21 +140,27 @@ _GRANT_ID = bindparam("grant_id")
 _NO_SYNC = {"synchronize_session": False}
 
 
-def _within_limit():
-    return or_(UserDownload.max_downloads.is_(None),
-               UserDownload.downloads_used + UserDownload.downloads_held < UserDownload.max_downloads)
+# A file's slots in use: its deliveries under this grant that are counted or hold a slot.
+_FILE_SLOTS_IN_USE = (select(func.count(Delivery.id)).where(
+    Delivery.grant_id == _GRANT_ID, Delivery.sku == bindparam("file_sku"), Delivery.path == bindparam("file_path"),
+    or_(Delivery.counted.is_(True), Delivery.holds_slot.is_(True))).scalar_subquery())
+
+
+def _file_within_limit():
+    """The per-file limit as a WHERE clause on the grant row (run only after ``_lock_grant``: see above)."""
+    return or_(UserDownload.max_downloads.is_(None), _FILE_SLOTS_IN_USE < UserDownload.max_downloads)
 
 
 _LOCK_GRANT = (update(UserDownload).where(UserDownload.id == _GRANT_ID)
                .values(downloads_used=UserDownload.downloads_used).execution_options(**_NO_SYNC))
-_TAKE_SLOT = (update(UserDownload).where(UserDownload.id == _GRANT_ID, _within_limit())
+_TAKE_SLOT = (update(UserDownload).where(UserDownload.id == _GRANT_ID, _file_within_limit())
               .values(downloads_held=UserDownload.downloads_held + 1).execution_options(**_NO_SYNC))
 _GIVE_SLOT = (update(UserDownload).where(UserDownload.id == _GRANT_ID, UserDownload.downloads_held > 0)
               .values(downloads_held=UserDownload.downloads_held - 1).execution_options(**_NO_SYNC))
 _COUNT_HELD = (update(UserDownload).where(UserDownload.id == _GRANT_ID)
                .values(downloads_used=UserDownload.downloads_used + 1,
                        downloads_held=UserDownload.downloads_held - 1).execution_options(**_NO_SYNC))
-_COUNT_IF_ROOM = (update(UserDownload).where(UserDownload.id == _GRANT_ID, _within_limit())
+_COUNT_IF_ROOM = (update(UserDownload).where(UserDownload.id == _GRANT_ID, _file_within_limit())
                   .values(downloads_used=UserDownload.downloads_used + 1).execution_options(**_NO_SYNC))
 
 
@@ -156,10 +176,10 @@ def _lock_delivery(session: Session, delivery_id: int) -> Delivery:
                            .execution_options(populate_existing=True)).scalar_one()
 
 
-def _take_slot(session: Session, grant: UserDownload) -> bool:
-    """Hold one download for a delivery that starts, if the limit allows: one conditional UPDATE
-    (never read-then-write), so concurrent requests can never pass max_downloads."""
-    result = session.execute(_TAKE_SLOT, {"grant_id": grant.id})
+def _take_slot(session: Session, grant: UserDownload, entry: FileEntry) -> bool:
+    """Hold one download of this file for a delivery that starts, if its limit allows: one conditional
+    UPDATE (never read-then-write), so concurrent requests can never pass max_downloads for a file."""
+    result = session.execute(_TAKE_SLOT, {"grant_id": grant.id, "file_sku": entry.sku, "file_path": entry.path})
     session.expire(grant, ["downloads_used", "downloads_held"])
     return result.rowcount == 1
 
@@ -171,14 +191,15 @@ def _give_slot(session: Session, grant: UserDownload) -> None:
 
 def _count(session: Session, grant_id: int, delivery: Delivery) -> None:
     """A delivery finished: its held slot becomes a used download. One that had given its slot back
-    counts only if the limit still allows (conditional UPDATE again)."""
+    counts only if its file's limit still allows (conditional UPDATE again)."""
     if delivery.counted:
         return
     if delivery.holds_slot:
         session.execute(_COUNT_HELD, {"grant_id": grant_id})
         delivery.counted, delivery.holds_slot = True, False
     else:
-        delivery.counted = session.execute(_COUNT_IF_ROOM, {"grant_id": grant_id}).rowcount == 1
+        delivery.counted = session.execute(_COUNT_IF_ROOM, {"grant_id": grant_id, "file_sku": delivery.sku,
+                                                            "file_path": delivery.path}).rowcount == 1
     grant = session.identity_map.get(identity_key(UserDownload, grant_id))
     if grant is not None:  # only a copy this session already holds can be stale; none is loaded for this
         session.expire(grant, ["downloads_used", "downloads_held"])
@@ -236,10 +257,12 @@ def _reclaimable(delivery: Delivery, now: datetime, stale_seconds: int) -> bool:
 
 
 def _reclaim_slot(session: Session, grant: UserDownload, entry: FileEntry, now: datetime) -> bool:
-    """Move a slot from an unfinished delivery (older file version, idle, or scanner-sized) to a new one."""
+    """Move a slot from an unfinished delivery of the same file (older file version, idle, or
+    scanner-sized) to a new one: the limit is per file, so only that file's slots can change hands."""
     stale = setting("DELIVERY_STALE_SECONDS")
     candidates = session.scalars(select(Delivery).where(
-        Delivery.grant_id == grant.id, Delivery.holds_slot.is_(True), Delivery.counted.is_(False))
+        Delivery.grant_id == grant.id, Delivery.sku == entry.sku, Delivery.path == entry.path,
+        Delivery.holds_slot.is_(True), Delivery.counted.is_(False))
         .order_by(Delivery.last_activity_at).execution_options(populate_existing=True)).all()
     for old in candidates:
         older_version = old.sku == entry.sku and old.path == entry.path and old.sha256 != entry.sha256
@@ -321,8 +344,8 @@ def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, sta
         _presume_broken(delivery, start, setting("INFLIGHT_ALLOWANCE"))
         if delivery.charged_bytes + length <= delivery.budget_bytes:
             if _unfinished(delivery) and not delivery.holds_slot:  # gave its slot back while idle
-                if not (_take_slot(session, grant) or _reclaim_slot(session, grant, entry, now)):
-                    raise DownloadsExhausted()
+                if not (_take_slot(session, grant, entry) or _reclaim_slot(session, grant, entry, now)):
+                    raise DownloadsExhausted(FILE_USED_UP)
                 delivery.holds_slot = True
             _reserve(delivery, reservation, now)
             session.flush()
@@ -331,8 +354,8 @@ def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, sta
         raise LinkExpired(grant.expires_at)
     inherit = (delivery is not None and delivery.holds_slot and _unfinished(delivery)
                and not _live_in_flight(delivery, now))
-    if not inherit and not (_take_slot(session, grant) or _reclaim_slot(session, grant, entry, now)):
-        raise DownloadsExhausted()
+    if not inherit and not (_take_slot(session, grant, entry) or _reclaim_slot(session, grant, entry, now)):
+        raise DownloadsExhausted(FILE_USED_UP)
     coverage: list[list[int]] = []
     if delivery is not None:
         delivery.closed = True

@@ -69,6 +69,15 @@ class FileUnavailable(DeliveryRefused):
     advice = "The shop has been told. Please try again later."
 
 
+class FileUnreadable(FileUnavailable):
+    """The indexed file cannot be read on disk (gone, a dangling link, a folder, no permission):
+    503 for the shopper; ``reason`` is the flag the owner sees on the dashboard."""
+
+    def __init__(self, reason: str):
+        super().__init__()
+        self.reason = reason
+
+
 class DigestMismatch(DeliveryRefused):
     status = 409
     message = "The SHA-256 you reported does not match the file."

@@ -173,7 +173,8 @@ def order_evidence(session: Session, order: Order) -> list[dict]:
                 "ips": sorted(ips),
                 "completed_at": max((d.completed_at for d in deliveries if d.completed_at), default=None),
                 "verified_at": max((d.verified_at for d in deliveries if d.verified_at), default=None),
-                "downloads_used": grant.downloads_used,
-                "max_downloads": grant.max_downloads,
+                # The limit is per file: what this file has left (None: unlimited).
+                "downloads_left": (None if grant.max_downloads is None
+                                   else max(0, grant.max_downloads - sum(1 for d in deliveries if d.counted))),
             })
     return rows

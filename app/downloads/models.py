@@ -33,10 +33,10 @@ class UserDownload(db.Model):
     key_nonce: Mapped[str] = mapped_column(String(32))  # random; the key is derived from it (receipts.grant_key)
     key_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the 128-bit secret key
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    max_downloads: Mapped[int | None] = mapped_column()  # None: unlimited
-    downloads_used: Mapped[int] = mapped_column(default=0)
-    # Slots held by deliveries in progress (app.downloads.delivery): the limit is used + held, so it
-    # holds before any byte leaves, while downloads_left shows only completed deliveries.
+    max_downloads: Mapped[int | None] = mapped_column()  # per file of the grant; None: unlimited
+    downloads_used: Mapped[int] = mapped_column(default=0)  # counted deliveries, all files together
+    # Slots held by deliveries in progress, all files together (app.downloads.delivery): a file's
+    # limit counts its counted + slot-holding deliveries, so it holds before any byte leaves.
     downloads_held: Mapped[int] = mapped_column(default=0, server_default="0")
     status: Mapped[str] = mapped_column(String(16), default="active")  # active | revoked | expired
     bound_ip: Mapped[str | None] = mapped_column(String(64))
@@ -52,6 +52,9 @@ class UserDownload(db.Model):
 
     @property
     def downloads_left(self) -> int | None:
+        """``max_downloads`` - ``downloads_used``: exact for a one-file grant (a package, a one-file
+        product); with several files only a lower bound of what each file has left, since the limit
+        is per file (``access.file_downloads_left`` gives a file's own figure)."""
         if self.max_downloads is None:
             return None
         return max(0, self.max_downloads - self.downloads_used)

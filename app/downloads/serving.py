@@ -20,7 +20,8 @@ from werkzeug.http import http_date
 from flask import Flask, Response, current_app
 
 from app.downloads import delivery
-from app.downloads.errors import DeliveryRefused
+from app.downloads.access import clear_unreadable, flag_unreadable, unreadable_reason
+from app.downloads.errors import DeliveryRefused, FileUnreadable
 from app.downloads.models import FileEntry, UserDownload
 from app.downloads.ranges import ByteRange, Plan, evaluate
 from app.extensions import db
@@ -82,6 +83,28 @@ def _log_only(req: FileRequest, status: int, outcome: str) -> None:
                          client_ip=req.client_ip, user_agent=req.user_agent,
                          range_header=req.headers.get("Range"), method=req.method)
     db.session.commit()
+
+
+def refuse_unreadable(req: FileRequest, refusal: FileUnreadable) -> FileUnreadable:
+    """An indexed file that cannot be read: a log line, a flag for the owner, a refused row in the
+    download log, committed; the caller raises the refusal (503 page or JSON, never a 500)."""
+    db.session.rollback()
+    log.error("product file %s cannot be read (%s): answered 503 and flagged for the owner",
+              req.entry.registered_path, refusal.reason)
+    flag_unreadable(db.session, req.entry, refusal.reason)
+    _log_only(req, refusal.status, "refused")
+    return refusal
+
+
+def open_product_file(req: FileRequest):
+    """Open the validated file for reading; FileUnreadable (never an OSError, a 500) when the disk
+    says no: a folder or a dangling link where the file was indexed, no permission, an I/O error."""
+    try:
+        fh = open(req.full_path, "rb")
+    except OSError as exc:
+        raise refuse_unreadable(req, FileUnreadable(unreadable_reason(exc))) from None
+    clear_unreadable(db.session, req.entry)  # committed with the request's first commit
+    return fh
 
 
 class TrackedFile:
@@ -187,7 +210,7 @@ class PipeDelivery:
     def _send(self, req: FileRequest, status: int, part: ByteRange, headers: dict) -> Response:
         from sidecar.metrics import transfer_started
 
-        fh = open(req.full_path, "rb")
+        fh = open_product_file(req)
         try:
             reservation = delivery.open_request(db.session, req.grant, req.entry, start=part.start,
                                                 length=part.length, method=req.method)
@@ -227,6 +250,7 @@ class PipeDelivery:
         if req.method == "HEAD":
             _log_only(req, 206, "head")
             return Response(status=206, headers=out)
+        open_product_file(req).close()  # refuse an unreadable file before reserving or sending anything
         app = current_app._get_current_object()
         parts = []
         for r in plan.ranges:
@@ -280,6 +304,7 @@ class SymlinkDelivery:
 
     def deliver(self, req: FileRequest) -> Response:
         cfg = current_app.config
+        open_product_file(req).close()  # nginx would answer its own 403/404; the shopper gets our 503
         token = symlink_token(req.grant)
         link = Path(cfg["SYMLINK_DIR"]) / token / req.name
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +321,7 @@ class AccelDelivery:
     """nginx serves the file from its ``internal`` location after the sidecar validated the link."""
 
     def deliver(self, req: FileRequest) -> Response:
+        open_product_file(req).close()  # nginx would answer its own 403/404; the shopper gets our 503
         prefix = current_app.config["ACCEL_PREFIX"]
         if not prefix.endswith("/"):
             prefix += "/"

@@ -47,9 +47,12 @@ def order(app):
 def test_order_page_shows_items_grants_and_evidence(client, owner, order):
     page = shown(client.get(f"/admin/orders/{order['po']}"))
     assert "buyer@example.com" in page and "KIT" in page
-    assert f'data-grant="{order["grant"]}"' in page and "0 of 3" in page
+    assert f'data-grant="{order["grant"]}"' in page and "3 per file" in page  # the limit is per file
     evidence = page.split('id="evidence"')[1].split("</table>")[0]
     assert "verified" in evidence and "transferred" in evidence
+    header = [c.split("<")[0] for c in evidence.split("<th>")[1:]]
+    rows = [[c.split("<")[0] for c in row.split("<td>")[1:]] for row in evidence.split("<tr>")[2:]]
+    assert [row[header.index("downloads left")] for row in rows] == ["2", "2"]  # 3 minus that file's one
     assert order["po"] in shown(client.get("/admin/orders?q=buyer@"))
     assert order["po"] not in shown(client.get("/admin/orders?q=nobody@"))
 

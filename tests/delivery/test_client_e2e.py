@@ -159,8 +159,7 @@ def test_sidecar_killed_mid_transfer_then_restarted_client_resumes_one_download(
 @pytest.mark.backends("sqlite")
 def test_client_killed_and_started_again_resumes_from_its_state(app, sidecar, fault_proxy, tmp_path):
     server = sidecar()
-    # Larger than what loopback socket buffers and the proxy can hold (~10 MiB): otherwise the sidecar
-    # may see the old version's last byte leave, and count it, before the shop replaces the file.
+    # Several seconds at the proxy's rate: the kill lands mid-file, with most of it still to come.
     size = 24 * MiB
     make_product(app, "KIT", {"big.iso": size})
     proxy = fault_proxy(server.port, rate=4 * MiB)
@@ -184,15 +183,17 @@ def test_client_killed_and_started_again_resumes_from_its_state(app, sidecar, fa
 @pytest.mark.backends("sqlite")
 def test_file_replaced_during_download_never_ends_as_a_mix(app, sidecar, fault_proxy, tmp_path):
     server = sidecar()
-    # Larger than what loopback socket buffers and the proxy can hold (~10 MiB): otherwise the sidecar
-    # may see the old version's last byte leave, and count it, before the shop replaces the file.
+    # The shop replaces the file while the old version is known to be mid-way: the proxy holds the
+    # transfer after 2 MiB until the new version is indexed. While it holds, the sidecar can get ahead
+    # by its send buffer (tcp_wmem max, 4 MiB) and the proxy's fixed 256 KiB receive buffer only, far
+    # less than the file, so the old delivery cannot complete (and count) before the swap.
     size = 24 * MiB
     make_product(app, "KIT", {"big.iso": size})
-    proxy = fault_proxy(server.port, rate=4 * MiB)
+    proxy = fault_proxy(server.port, hold_at=2 * MiB, upstream_buffer=256 * 1024)
     through_proxy(app, proxy)
     client = start_fetch(grant_link(app, "KIT"), tmp_path / "out")
     try:
-        wait_for(lambda: proxy.forwarded > 2 * MiB, message="a quarter of the file")
+        assert proxy.holding.wait(30), client_log(tmp_path / "out")
         new = os.urandom(size + 1000)
         staged = Path(app.config["DOWNLOAD_DIR"]) / "KIT" / ".big.iso.tmp"
         staged.write_bytes(new)
@@ -200,13 +201,17 @@ def test_file_replaced_during_download_never_ends_as_a_mix(app, sidecar, fault_p
         with app.app_context():
             index_files(db.session, app.config["DOWNLOAD_DIR"])
             db.session.commit()
-        proxy.rate = None
+            _, deliveries, _ = state(app)
+            assert [d.evidence for d in deliveries] == [None], "the old version finished before the swap"
+        proxy.release()
         assert client.wait(90) == 0, client_log(tmp_path / "out")
     finally:
+        proxy.release()
         if client.poll() is None:
             client.kill()
             client.wait()
     assert (tmp_path / "out" / "big.iso").read_bytes() == new
+    assert "starting this file over" in client_log(tmp_path / "out")  # it did see the old version first
     with app.app_context():
         grant, deliveries, _ = state(app)
         assert grant.downloads_used == 1

@@ -71,17 +71,20 @@ def test_head_and_scanner_requests_never_use_up_a_download(app):
         assert (d.counted, shop.used()) == (True, 1)
 
 
+@pytest.mark.config(DELIVERY_BUDGET_FACTOR=1.0)
 def test_a_scanner_sized_delivery_holds_a_slot_only_while_it_reads(app):
     shop = open_shop(app, {"a.bin": 300 * KB, "b.bin": 300 * KB}, max_downloads=1)
     with app.app_context():
-        scanner = shop.open("a.bin", 0, 4 * KB)            # scanner: holds the only slot while it reads
+        scanner = shop.open("a.bin", 0, 4 * KB)            # scanner: holds a.bin's only slot while it reads
         with pytest.raises(DownloadsExhausted):
-            shop.open("b.bin")
+            shop.open("a.bin")                             # a whole copy more does not fit its budget
+        shop.get("b.bin")                                  # the limit is per file: b.bin is not held up
         shop.close(scanner)                                # ... and gives it back when it ends
-        shop.get("b.bin")                                  # the shopper's real download
-        assert (shop.used(), shop.held()) == (1, 0)
+        assert shop.held() == 0
+        shop.get("a.bin")                                  # the shopper's real download
+        assert (shop.used(), shop.held()) == (2, 0)
         with pytest.raises(DownloadsExhausted):
-            shop.open("a.bin")                             # a.bin lost its slot: resuming needs one
+            shop.open("a.bin")                             # a.bin delivered once: used up
 
 
 def test_two_full_copies_are_two_deliveries_sequential_and_parallel(app):
@@ -189,14 +192,14 @@ def test_idle_unfinished_deliveries_give_their_slot_back(app):
     shop = open_shop(app, {"a.bin": 300 * KB, "b.bin": 300 * KB}, max_downloads=1)
     with app.app_context():
         shop.get("a.bin", sent=200 * KB)                   # more than a scanner; then nothing for hours
-        with pytest.raises(DownloadsExhausted):
-            shop.open("b.bin")
+        assert shop.held() == 1
+        shop.get("b.bin")                                  # per file: a.bin's held slot is not b.bin's
         later = utcnow() + timedelta(hours=2)
         assert rules.release_stale_deliveries(db.session, later) == 1
         db.session.commit()
         assert shop.held() == 0
-        shop.get("b.bin", now=later)
-        assert shop.used() == 1
+        shop.get("a.bin", 200 * KB, now=later)             # the resume takes a slot again and completes
+        assert shop.used() == 2 and [d.counted for d in shop.deliveries("a.bin")] == [True]
 
 
 def test_expiry_grace_finishes_a_delivery_but_never_starts_one(app):
@@ -264,6 +267,64 @@ def test_concurrent_complete_downloads_count_exactly_the_limit(app):
     with app.app_context():
         assert (shop.used(), shop.held()) == (3, 0)
         assert db.session.scalar(select(func.count()).select_from(Delivery).where(Delivery.counted.is_(True))) == 3
+
+
+def test_concurrent_downloads_of_two_files_count_exactly_the_limit_of_each(app):
+    """The limit is per file: 10 shoppers at once on each of two files, max_downloads=3: 3 each."""
+    shop = open_shop(app, {"a.bin": 64 * KB, "b.bin": 32 * KB}, max_downloads=3)
+    barrier = threading.Barrier(20)
+    outcomes: list[tuple[str, str]] = []
+
+    def shopper(path: str) -> None:
+        with app.app_context():
+            barrier.wait(timeout=30)
+            try:
+                reservation = shop.open(path)
+            except DownloadsExhausted:
+                outcomes.append((path, "refused"))
+                return
+            finally:
+                db.session.remove()
+            shop.close(reservation)
+            outcomes.append((path, "served"))
+            db.session.remove()
+
+    threads = [threading.Thread(target=shopper, args=(path,)) for path in ["a.bin", "b.bin"] * 10]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for path in ("a.bin", "b.bin"):
+        assert sorted(o for p, o in outcomes if p == path) == ["refused"] * 7 + ["served"] * 3
+    with app.app_context():
+        assert (shop.used(), shop.held()) == (6, 0)
+        assert [sum(d.counted for d in shop.deliveries(p)) for p in ("a.bin", "b.bin")] == [3, 3]
+
+
+def test_each_file_of_a_product_is_delivered_max_downloads_times(app):
+    """A 3-file product with max_downloads=2: every file twice; a third copy of one file is refused
+    before anything is reserved while the others still work; confirm never counts past the limit."""
+    from app.downloads.access import counted_by_file, file_downloads_left, files_for_grant, used_up
+
+    shop = open_shop(app, {"a.bin": 20 * KB, "b.bin": 30 * KB, "c/d.bin": 10 * KB}, max_downloads=2)
+    with app.app_context():
+        for path in ("a.bin", "b.bin", "c/d.bin"):
+            shop.get(path)
+        assert shop.order().status == "shipped"
+        shop.get("a.bin")
+        shop.get("b.bin")
+        with pytest.raises(DownloadsExhausted, match="this file"):
+            shop.open("a.bin")                             # a third complete copy of a.bin
+        assert len(shop.deliveries("a.bin")) == 2 and shop.held() == 0
+        grant = shop.grant()
+        counted = counted_by_file(db.session, grant)
+        left = {e.path: file_downloads_left(grant, counted, e) for e in files_for_grant(db.session, grant)}
+        assert left == {"a.bin": 0, "b.bin": 0, "c/d.bin": 1} and not used_up(db.session, grant)
+        assert shop.confirm("a.bin") == "verified"         # a proof upgrades a counted delivery: no count
+        shop.get("c/d.bin")                                # the last file still works
+        assert (shop.used(), shop.held()) == (6, 0) and used_up(db.session, shop.grant())
+        shop.get("c/d.bin", 2 * KB, 4 * KB)                # a piece within the budget is still fine
+        assert shop.used() == 6
 
 
 def test_a_copy_that_completes_after_the_shop_replaced_the_file_is_recorded_but_not_counted(app):
@@ -349,8 +410,9 @@ def test_mixed_concurrent_requests_keep_the_books_consistent(app):
     with app.app_context():
         deliveries = shop.deliveries()
         grant = shop.grant()
-        assert grant.downloads_used == sum(d.counted for d in deliveries) <= 4
+        assert grant.downloads_used == sum(d.counted for d in deliveries) <= 2 * 4
         assert grant.downloads_held == sum(d.holds_slot for d in deliveries)
-        assert grant.downloads_used + grant.downloads_held <= 4
+        for path in ("a.bin", "b.bin"):                    # the limit is per file
+            assert sum(d.counted + d.holds_slot for d in deliveries if d.path == path) <= 4
         assert all(not (d.counted and d.holds_slot) for d in deliveries)
         assert all(d.charged_bytes >= 0 and d.open_ranges == "[]" for d in deliveries)

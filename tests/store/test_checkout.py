@@ -175,3 +175,19 @@ def test_thank_you_page_is_only_for_the_browser_that_bought(shop, client, app):
     assert client.get(po_url).status_code == 200
     other = app.test_client()
     assert other.get(po_url).status_code == 404
+
+
+def test_thank_you_page_says_downloads_per_file_and_when_every_file_is_used(shop, client, app):
+    """The limit is per file: the links summary says so, and "all used" once every file is used up."""
+    from app.downloads.models import Delivery
+
+    page = buy(client, "EBOOK1")
+    assert "5 downloads per file" in page.text and "all used" not in page.text
+    with app.app_context():
+        grant = db.session.scalar(select(UserDownload))
+        db.session.add_all(Delivery(grant_id=grant.id, sku="EBOOK1", path="book.pdf", sha256="0" * 64, size=3000,
+                                    budget_bytes=4500, covered_bytes=3000, evidence="transferred", counted=True)
+                           for _ in range(5))
+        grant.downloads_used = 5
+        db.session.commit()
+    assert "all used" in client.get(page.request.path).text

@@ -45,6 +45,7 @@ def test_order_email_arrives_by_smtp_with_both_parts_and_the_same_links(shop, cl
         assert po in part and "$25.98" in part
         assert all(link in part for link in links)
         assert "2 items of the classics collection" in part
+        assert "5 downloads per file" in part  # the limit is per file of a link
     assert f'<a href="{links[0]}">' in mail.html
     assert outbox_rows(shop) == [("reader@example.com", 1, True, None)]
 
