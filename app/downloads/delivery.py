@@ -40,11 +40,13 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
   sees every delivery committed by the previous holder of the lock. Were the lock taken by the UPDATE
   itself, a waiter would re-check only the grant row after the wait (EvalPlanQual) and count the
   deliveries from its old snapshot: concurrent requests would pass the limit (checked: without the
-  earlier lock the 20-vs-3 test of test_counting_rules serves more than 3 on PostgreSQL). On SQLite the first write takes the database write
-  lock, so the sub-select reads the latest state. When the delivery is counted (coverage complete, or
-  a matching confirm) its held slot becomes a used one (``downloads_used`` + 1, ``downloads_held``
-  - 1). ``downloads_used`` is the grant's total of counted deliveries (what the owner sees);
-  ``downloads_left_by_file`` gives each file's ``max_downloads`` - its counted deliveries.
+  earlier lock the 20-vs-3 test of test_counting_rules serves more than 3 on PostgreSQL). It also
+  relies on every writer of a delivery holding its grant's lock (see "Locks" below). On SQLite the
+  first write takes the database write lock, so the sub-select reads the latest state. When the
+  delivery is counted (coverage complete, or a matching confirm) its held slot becomes a used one
+  (``downloads_used`` + 1, ``downloads_held`` - 1). ``downloads_used``/``downloads_held`` are the
+  grant's totals over all files (what the owner sees); ``access.file_downloads_left`` gives a file's
+  ``max_downloads`` - its counted deliveries (the listing's ``downloads_left``).
 * Unfinished deliveries give their slot back, so partial transfers never use up a download:
   - a restart that does not fit the budget of an unfinished delivery with nothing in flight
     *continues* it: the new delivery inherits its coverage and its slot (no second count);
