@@ -3,12 +3,11 @@ class-entitlement picks, the verifying client, health and metrics."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from flask import (Blueprint, Response, current_app, g, jsonify, redirect, render_template, request,
                    send_file, url_for)
-from sqlalchemy import select, text
+from sqlalchemy import select
 from werkzeug.routing import PathConverter
 
 from app.downloads import delivery
@@ -21,6 +20,7 @@ from app.downloads.metalink import MEDIA_TYPE, metalink_for
 from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
 from app.errors import wants_json
+from app.health import healthz_response
 from app.extensions import client_address, csrf, db, limiter
 from sidecar import metrics
 
@@ -230,21 +230,7 @@ def _unavailable(reason: str, retry_after: int = 60):
 
 @bp.route("/healthz")
 def healthz():
-    problems = []
-    try:
-        db.session.execute(text("SELECT 1"))
-    except Exception as exc:  # any driver error means "not reachable" to an operator
-        db.session.rollback()
-        problems.append(f"database unreachable: {exc.__class__.__name__}")
-    download_dir = current_app.config["DOWNLOAD_DIR"]
-    if not os.path.isdir(download_dir) or not os.access(download_dir, os.R_OK | os.X_OK):
-        problems.append(f"download dir {download_dir} is not readable")
-    if problems:
-        resp = jsonify(status="unavailable", reason="; ".join(problems))
-        resp.status_code = 503
-        resp.headers["Retry-After"] = "30"
-        return resp
-    return jsonify(status="ok", delivery=current_app.config["DELIVERY"])
+    return healthz_response()
 
 
 @bp.route("/metrics")

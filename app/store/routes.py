@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from app.accounts.validation import normalize_email
 from app.downloads.errors import InvalidInput
 from app.downloads.models import FileEntry
+from app.health import healthz_response
 from app.extensions import client_address, db, limiter
 from app.mail import deliver, order_links
 from app.store import cart as cart_rules
@@ -51,6 +52,11 @@ def cart_badge() -> dict:
     if not has_request_context():  # emails are rendered by CLI commands and the watcher too
         return {"cart_count": 0}
     return {"cart_count": cart_rules.item_count(session_cart())}
+
+
+@bp.get("/healthz")
+def healthz():
+    return healthz_response()
 
 
 @bp.get("/")

@@ -130,3 +130,12 @@ def test_revoking_in_symlink_mode_removes_the_folder_nginx_serves(app):
         assert grant.status == "revoked" and grant.symlink_token is None
     assert not folder.exists()
     assert (Path(app.config["DOWNLOAD_DIR"]) / "EBOOK1" / "book.pdf").exists()
+
+
+def test_store_healthz_says_why_it_is_unavailable(app, client):
+    ok = client.get("/healthz")
+    assert ok.status_code == 200 and ok.get_json()["status"] == "ok"
+    app.config["DOWNLOAD_DIR"] = "/nonexistent/softgoods-downloads"
+    down = client.get("/healthz")
+    assert down.status_code == 503 and down.headers["Retry-After"]
+    assert "download dir" in down.get_json()["reason"]
