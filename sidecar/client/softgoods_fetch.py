@@ -435,7 +435,7 @@ class FileJob:
         partial piece's hash is kept), with bounded backoff."""
         self.cursor, failures = start, 0
         while self.cursor < end:
-            headers = {}
+            headers = {"Accept": "application/json;q=0.9, */*;q=0.8"}  # bytes, or a refusal as JSON to quote
             if self.cursor > 0 or end < self.size:
                 headers["Range"] = f"bytes={self.cursor}-{end - 1 if end < self.size else ''}"
                 if self.etag:
@@ -495,6 +495,8 @@ class FileJob:
         if response.status == 200 and "Range" in headers:
             self.reset()  # If-Range did not match: a new version is on its way, never mix it with ours
             raise FileChanged("the server sent the whole file instead of the missing part")
+        if response.status in LinkRefused.ADVICE:
+            raise LinkRefused(response.status, _error_text(response))
         if response.status not in (200, 206):
             raise FetchError(_error_text(response) + f" ({self.info['path']}: {response.status})")
         if response.status == 206:
@@ -693,9 +695,18 @@ def main(argv: list | None = None) -> int:
             raise FetchError("this link lists no files yet (a choice of products? pick them on the link's page)")
         os.makedirs(args.dir, exist_ok=True)
         show_progress = sys.stderr.isatty() and not QUIET
+        refused = []
         for info in files:
-            fetch_one(http, link, info, args.dir, show_progress, manifest)
+            try:
+                fetch_one(http, link, info, args.dir, show_progress, manifest)
+            except LinkRefused as exc:
+                if exc.status != 403:  # expired, revoked, unknown: the same for every file
+                    raise
+                refused.append(f"{info['path']}: {exc}")  # this file's downloads are used up; others may not be
+                continue
             say(f"verified  {info['path']}  ({int(info['size'])} bytes, sha256 {info['sha256'][:16]}...)", err=False)
+        if refused:
+            raise FetchError(f"{len(refused)} of {len(files)} file(s) not fetched:\n  " + "\n  ".join(refused))
     except FetchError as exc:
         print(f"softgoods-fetch: error: {exc}", file=sys.stderr)
         return 1

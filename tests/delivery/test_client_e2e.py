@@ -316,3 +316,25 @@ def test_client_finishes_and_confirms_a_delivery_that_started_before_expiry(app,
     assert sha(tmp_path / "out" / "late.bin") == sha(Path(app.config["DOWNLOAD_DIR"]) / "LATE" / "late.bin")
     with app.app_context():
         assert [d.evidence for d in state(app, "LATE")[1]] == ["verified"]
+
+
+@pytest.mark.backends("sqlite")
+def test_a_used_up_file_does_not_stop_the_others(app, sidecar, tmp_path):
+    sidecar()
+    make_product(app, "KIT", {"a.bin": 200_000, "b.bin": 300_000}, max_downloads=1)
+    link = grant_link(app, "KIT")
+    url_a = link + "f/a.bin"
+    subprocess.run(["curl", "-sf", "-o", str(tmp_path / "curl-a.bin"), url_a], check=True, timeout=30)
+    def counted() -> bool:
+        with app.app_context():
+            return state(app)[0].downloads_used == 1
+
+    wait_for(counted, message="a.bin counted")
+    result = fetch(link, tmp_path / "out")
+    assert result.returncode == 1
+    assert "1 of 2 file(s) not fetched" in result.stderr and "a.bin" in result.stderr
+    assert "All downloads of this file have been used" in result.stderr  # the shop's own sentence
+    assert "Traceback" not in result.stderr
+    disk = Path(app.config["DOWNLOAD_DIR"]) / "KIT"
+    assert sha(tmp_path / "out" / "b.bin") == sha(disk / "b.bin")  # the other file still came, verified
+    assert not (tmp_path / "out" / "a.bin").exists()
