@@ -103,7 +103,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "DELIVERY_STALE_SECONDS": _int(env, "SOFTGOODS_DELIVERY_STALE_SECONDS", 3600),
         "BIND_IP": (env.get("SOFTGOODS_BIND_IP") or "0") in ("1", "true", "yes"),
         "LOG_RETENTION_DAYS": _int(env, "SOFTGOODS_LOG_RETENTION_DAYS", 365),
-        # The watcher (docs/maintenance.md): quiet time before a changed file is re-indexed, how often
+        # The watcher (README, "Operations"): quiet time before a changed file is re-indexed, how often
         # it expires grants and retries mail, and the background re-hash budget (0 turns it off).
         "WATCH_DEBOUNCE_MS": _int(env, "SOFTGOODS_WATCH_DEBOUNCE_MS", 1000),
         "WATCH_EXPIRY_SECONDS": _int(env, "SOFTGOODS_WATCH_EXPIRY_SECONDS", 5),

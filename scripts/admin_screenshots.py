@@ -1,4 +1,4 @@
-"""Screenshots of the main owner pages for docs/admin.md: a throw-away SQLite instance with sample data,
+"""Screenshots of the main owner pages for the README (docs/screenshots/): a throw-away SQLite instance with sample data,
 the store under gunicorn on loopback, headless Chromium.
 
     .venv/bin/python scripts/admin_screenshots.py [--out docs/screenshots]
