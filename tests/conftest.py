@@ -91,13 +91,18 @@ def env(database, tmp_path):
     return base_env(database, tmp_path)
 
 
-@pytest.fixture
-def app(env, request):
+def config_for(request) -> dict:
+    """Testing config, CSRF and rate limits off, plus the test's ``@pytest.mark.config`` overrides."""
     config = {"TESTING": True, "WTF_CSRF_ENABLED": False, "RATELIMIT_ENABLED": False}
     marker = request.node.get_closest_marker("config")
     if marker:
         config.update(marker.kwargs)
-    application = create_app(config, env=env)
+    return config
+
+
+@pytest.fixture
+def app(env, request):
+    application = create_app(config_for(request), env=env)
     with application.app_context():
         wipe_database()
     yield application
@@ -114,3 +119,21 @@ def client(app):
 @pytest.fixture
 def runner(app):
     return app.test_cli_runner()
+
+
+@pytest.fixture
+def sidecar_app(app, env, request):
+    """The sidecar app on the same database and folders as ``app`` (the store, which makes products)."""
+    from sidecar import create_sidecar
+
+    application = create_sidecar(config_for(request), env=env)
+    yield application
+    with application.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
+@pytest.fixture
+def sc(sidecar_app):
+    """A test client of the sidecar."""
+    return sidecar_app.test_client()

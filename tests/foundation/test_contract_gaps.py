@@ -15,22 +15,9 @@ from app.downloads.models import UserDownload
 from app.downloads.receipts import address_tag, read_receipt
 from app.extensions import db
 from app.timeutil import utcnow
-from sidecar import create_sidecar
 from tests.helpers import grant_link, make_product
 
 JSON = {"Accept": "application/json"}
-
-
-@pytest.fixture
-def sidecar_client(app, env, request):
-    config = {"TESTING": True, "WTF_CSRF_ENABLED": False, "RATELIMIT_ENABLED": False}
-    marker = request.node.get_closest_marker("config")
-    config.update(marker.kwargs if marker else {})
-    sidecar = create_sidecar(config, env=env)
-    yield sidecar.test_client()
-    with sidecar.app_context():
-        db.session.remove()
-        db.engine.dispose()
 
 
 def path_of(link: str) -> str:
@@ -88,21 +75,21 @@ def test_session_cookie_is_httponly_samesite_and_secure_when_asked(app, client):
 
 
 @pytest.mark.config(BIND_IP=True)
-def test_a_bound_link_carries_a_keyed_hash_and_opens_only_from_its_address(app, sidecar_client):
+def test_a_bound_link_carries_a_keyed_hash_and_opens_only_from_its_address(app, sc):
     make_product(app, "EBOOK1", {"book.pdf": 100})
     link = grant_link(app, "EBOOK1", client_ip="10.1.2.3")
     receipt = read_receipt(app.config["SECRET_KEY"], link.split("/d/")[1].rstrip("/"))
     # every field of the signed (readable) payload: the address travels only as a keyed tag
     assert "10.1.2.3" not in json.dumps(receipt.dump())
     assert receipt.address_tag == address_tag(app.config["SECRET_KEY"], "10.1.2.3")
-    ok = sidecar_client.get(path_of(link), headers=JSON, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    ok = sc.get(path_of(link), headers=JSON, environ_base={"REMOTE_ADDR": "10.1.2.3"})
     assert ok.status_code == 200
-    refused = sidecar_client.get(path_of(link), headers=JSON, environ_base={"REMOTE_ADDR": "10.9.9.9"})
+    refused = sc.get(path_of(link), headers=JSON, environ_base={"REMOTE_ADDR": "10.9.9.9"})
     assert refused.status_code == 403 and "address" in refused.get_json()["error"]
 
 
 @pytest.mark.config(SHOP_CONTACT="help@shop.example")
-def test_expired_link_page_says_when_and_whom_to_ask(app, sidecar_client):
+def test_expired_link_page_says_when_and_whom_to_ask(app, sc):
     make_product(app, "EBOOK1", {"book.pdf": 100})
     link = grant_link(app, "EBOOK1")
     with app.app_context():
@@ -110,7 +97,7 @@ def test_expired_link_page_says_when_and_whom_to_ask(app, sidecar_client):
         grant.expires_at = utcnow() - timedelta(days=3)
         expired_on = f"{grant.expires_at:%Y-%m-%d}"
         db.session.commit()
-    page = sidecar_client.get(path_of(link))
+    page = sc.get(path_of(link))
     assert page.status_code == 410
     assert expired_on in page.text and "help@shop.example" in page.text
 

@@ -14,25 +14,10 @@ from sqlalchemy import select
 
 from app.downloads.watcher import Watcher
 from app.extensions import db
-from sidecar import create_sidecar
 from tests.servers import nginx, sidecar  # noqa: F401  (fixtures)
 from tests.smtp import smtp_server  # noqa: F401  (fixture)
 
 JSON = {"Accept": "application/json"}
-
-
-@pytest.fixture
-def sidecar_app(app, env):
-    application = create_sidecar({"TESTING": True, "WTF_CSRF_ENABLED": False, "RATELIMIT_ENABLED": False}, env=env)
-    yield application
-    with application.app_context():
-        db.session.remove()
-        db.engine.dispose()
-
-
-@pytest.fixture
-def sc(sidecar_app):
-    return sidecar_app.test_client()
 
 
 def instance_digest(app) -> str:
