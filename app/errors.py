@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, current_app, jsonify, render_template, request
+from flask import Flask, current_app, jsonify, make_response, render_template, request
 from flask_limiter.errors import RateLimitExceeded
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
@@ -29,16 +29,11 @@ def wants_json() -> bool:
 def error_response(status: int, message: str, advice: str = "", headers: dict | None = None,
                    contact: str = ""):
     if wants_json():
-        resp = jsonify(error=message)
+        body = jsonify(error=message)
     else:
-        resp = render_template("error.html", status=status, message=message, advice=advice, contact=contact)
-    if isinstance(resp, str):
-        resp = (resp, status)
-        from flask import make_response
-        resp = make_response(resp)
-    resp.status_code = status
-    for k, v in (headers or {}).items():
-        resp.headers[k] = v
+        body = render_template("error.html", status=status, message=message, advice=advice, contact=contact)
+    resp = make_response(body, status)
+    resp.headers.update(headers or {})
     return resp
 
 

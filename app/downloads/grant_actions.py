@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.downloads.errors import InvalidInput
+from app.downloads.maintenance import remove_link_folder
 from app.downloads.models import DownloadLog, UserDownload
 from app.timeutil import utcnow
 
@@ -53,8 +54,6 @@ def revoke(session: Session, grant: UserDownload, symlink_dir: str | None = None
         raise InvalidInput("this link is already revoked", status=409)
     grant.status = "revoked"
     if symlink_dir and grant.symlink_token:
-        from app.downloads.maintenance import remove_link_folder
-
         remove_link_folder(symlink_dir, grant.symlink_token)
         grant.symlink_token = None
     session.flush()
