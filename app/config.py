@@ -91,6 +91,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "LINK_GUESS_LIMIT": env.get("SOFTGOODS_LINK_GUESS_LIMIT") or "20 per minute",
         "RATELIMIT_KEY_PREFIX": env.get("SOFTGOODS_RATELIMIT_PREFIX") or "softgoods",
         "PROXY_COUNT": _int(env, "SOFTGOODS_PROXY_COUNT", 0),
+        # 0 sends every file request through the Flask view and the ORM (sidecar/fast_files.py).
+        "SIDECAR_FAST_PATH": bool(_int(env, "SOFTGOODS_SIDECAR_FAST_PATH", 1)),
         # Flask-Limiter strings, per client address; POSTs only (pages stay browsable).
         "LOGIN_RATE_LIMIT": env.get("SOFTGOODS_LOGIN_RATE_LIMIT") or "10 per minute",
         "CHECKOUT_RATE_LIMIT": env.get("SOFTGOODS_CHECKOUT_RATE_LIMIT") or "20 per minute",

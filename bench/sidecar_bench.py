@@ -33,6 +33,7 @@ from tests.servers import render_nginx_conf  # noqa: E402
 
 GIB = 1 << 30
 SMALL_GRANTS = 50
+TTFB_PROBES = 20  # each probe of either file opens a link nobody used yet, as a shopper's first click does
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -75,7 +76,7 @@ def setup(root: Path, small_files: int, database_url: str | None = None,
         for sku in ("BIG", "HUGE", "SMALL"):
             product = add_product(db.session, sku=sku, name=sku, price="1", max_downloads=None)
             # many shoppers of the small files: each link sees a few requests, as in a real shop
-            for i in range({"SMALL": SMALL_GRANTS, "BIG": slow_clients + 1}.get(sku, 1)):
+            for i in range({"SMALL": SMALL_GRANTS, "BIG": slow_clients + 1, "HUGE": TTFB_PROBES + 1}[sku]):
                 order = create_order(db.session, email=f"bench{i}@example.com", lines=[Line(product, 1)])
                 key = sku if i == 0 else ("SLOW" if sku == "BIG" else sku) + str(i)
                 links[key] = grant_downloads(db.session, order, max_downloads=None)[0].url
@@ -183,15 +184,19 @@ def main() -> int:
                   f"accounting) {heads:.0f} req/s", flush=True)
             bare.stop()
         if "ttfb" in only:
-            big, small = [], []
-            for i in range(20):  # a pause between probes: each meets an idle server, not the last one's cleanup
-                big.append(ttfb(links["HUGE"] + "f/huge.bin"))
-                time.sleep(0.2)
-                small.append(ttfb(links[f"SMALL{i + 1}"] + f"f/f{i:03d}.bin"))
-                time.sleep(0.2)
-            b, s = statistics.median(big), statistics.median(small)
-            results["TTFB"] = b / s
-            print(f"time to first byte: 4 GiB {ms(b)}, 4 KiB {ms(s)} (median of 20), ratio {b / s:.2f}", flush=True)
+            probes = {"4 GiB": [], "4 KiB": [], "nginx 4 GiB": [], "nginx 4 KiB": []}
+            for i in range(TTFB_PROBES):  # a pause between probes: each meets an idle server, not the last one's cleanup
+                for label, url in (("4 GiB", links[f"HUGE{i + 1}"] + "f/huge.bin"),
+                                   ("4 KiB", links[f"SMALL{i + 1}"] + f"f/f{i:03d}.bin"),
+                                   ("nginx 4 GiB", nginx.url + "/static-files/HUGE/huge.bin"),
+                                   ("nginx 4 KiB", nginx.url + f"/static-files/SMALL/f{i:03d}.bin")):
+                    probes[label].append(ttfb(url))
+                    time.sleep(0.2)
+            m = {label: statistics.median(values) for label, values in probes.items()}
+            results["TTFB"] = m["4 GiB"] / m["4 KiB"]
+            print(f"time to first byte: 4 GiB {ms(m['4 GiB'])}, 4 KiB {ms(m['4 KiB'])} (median of {TTFB_PROBES}, a fresh "
+                  f"link each), ratio {results['TTFB']:.2f}; nginx, same files: {ms(m['nginx 4 GiB'])} vs "
+                  f"{ms(m['nginx 4 KiB'])}, ratio {m['nginx 4 GiB'] / m['nginx 4 KiB']:.2f}", flush=True)
         if "slow" in only:
             with mp.Pool(1) as pool:
                 slow_urls = [link + "f/big.bin" for key, link in links.items() if key.startswith("SLOW")]

@@ -29,6 +29,10 @@ def create_sidecar(config: Mapping[str, Any] | None = None, env: Mapping[str, st
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
+    if app.config["SIDECAR_FAST_PATH"]:
+        from sidecar.fast_files import FastFiles
+
+        app.wsgi_app = FastFiles(app, app.wsgi_app)
     if app.config.get("PROXY_COUNT"):
         # Behind nginx: the shopper's address (for binding and the guess limit) is in X-Forwarded-For.
         count = app.config["PROXY_COUNT"]

@@ -128,6 +128,8 @@ def sidecar_app(app, env, request):
 
     application = create_sidecar(config_for(request), env=env)
     yield application
+    if "softgoods_fast_files" in application.extensions:
+        application.extensions["softgoods_fast_files"].close()
     with application.app_context():
         db.session.remove()
         db.engine.dispose()

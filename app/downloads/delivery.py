@@ -178,17 +178,23 @@ def _lock_delivery(session: Session, delivery_id: int) -> Delivery:
                            .execution_options(populate_existing=True)).scalar_one()
 
 
-def _take_slot(session: Session, grant: UserDownload, entry: FileEntry) -> bool:
+def _take_slot(session: Session, grant_id: int, entry) -> bool:
     """Hold one download of this file for a delivery that starts, if its limit allows: one conditional
     UPDATE (never read-then-write), so concurrent requests can never pass max_downloads for a file."""
-    result = session.execute(_TAKE_SLOT, {"grant_id": grant.id, "file_sku": entry.sku, "file_path": entry.path})
-    session.expire(grant, ["downloads_used", "downloads_held"])
+    result = session.execute(_TAKE_SLOT, {"grant_id": grant_id, "file_sku": entry.sku, "file_path": entry.path})
+    _stale_counters(session, grant_id)
     return result.rowcount == 1
 
 
-def _give_slot(session: Session, grant: UserDownload) -> None:
-    session.execute(_GIVE_SLOT, {"grant_id": grant.id})
-    session.expire(grant, ["downloads_used", "downloads_held"])
+def _give_slot(session: Session, grant_id: int) -> None:
+    session.execute(_GIVE_SLOT, {"grant_id": grant_id})
+    _stale_counters(session, grant_id)
+
+
+def _stale_counters(session: Session, grant_id: int) -> None:
+    grant = session.identity_map.get(identity_key(UserDownload, grant_id))
+    if grant is not None:  # only a copy this session already holds can be stale; none is loaded for this
+        session.expire(grant, ["downloads_used", "downloads_held"])
 
 
 def _count(session: Session, grant_id: int, delivery: Delivery) -> None:
@@ -202,13 +208,7 @@ def _count(session: Session, grant_id: int, delivery: Delivery) -> None:
     else:
         delivery.counted = session.execute(_COUNT_IF_ROOM, {"grant_id": grant_id, "file_sku": delivery.sku,
                                                             "file_path": delivery.path}).rowcount == 1
-    grant = session.identity_map.get(identity_key(UserDownload, grant_id))
-    if grant is not None:  # only a copy this session already holds can be stale; none is loaded for this
-        session.expire(grant, ["downloads_used", "downloads_held"])
-
-
-def _grant_in_session(session: Session, grant_id: int) -> UserDownload:
-    return session.identity_map.get(identity_key(UserDownload, grant_id)) or session.get(UserDownload, grant_id)
+    _stale_counters(session, grant_id)
 
 
 # -- requests in flight (Delivery.open_ranges: [[token, start, end, charge, presumed_broken, opened], ...]) --
@@ -235,11 +235,13 @@ def _presume_broken(delivery: Delivery, start: int, allowance: int) -> None:
     delivery.open_ranges = json.dumps(ranges)
 
 
+def _in_flight(reservation: Reservation, now: datetime) -> list:
+    return [reservation.token, reservation.start, reservation.start + reservation.length, reservation.length,
+            False, int(now.timestamp())]
+
+
 def _reserve(delivery: Delivery, reservation: Reservation, now: datetime) -> None:
-    ranges = _ranges(delivery)
-    ranges.append([reservation.token, reservation.start, reservation.start + reservation.length,
-                   reservation.length, False, int(now.timestamp())])
-    delivery.open_ranges = json.dumps(ranges)
+    delivery.open_ranges = json.dumps(_ranges(delivery) + [_in_flight(reservation, now)])
     delivery.charged_bytes += reservation.length
     delivery.attempts += 1
     delivery.last_activity_at = now
@@ -258,16 +260,89 @@ def _reclaimable(delivery: Delivery, now: datetime, stale_seconds: int) -> bool:
     return idle or delivery.covered_bytes < SCANNER_BYTES
 
 
-def _reclaim_slot(session: Session, grant: UserDownload, entry: FileEntry, now: datetime) -> bool:
+_SLOT_HOLDERS = (select(Delivery).where(
+    Delivery.grant_id == _GRANT_ID, Delivery.sku == bindparam("sku"), Delivery.path == bindparam("path"),
+    Delivery.holds_slot.is_(True), Delivery.counted.is_(False))
+    .order_by(Delivery.last_activity_at).execution_options(populate_existing=True))
+
+_FILE_DELIVERIES = (select(Delivery).where(
+    Delivery.grant_id == _GRANT_ID, Delivery.path == bindparam("path"), Delivery.sku == bindparam("sku"),
+    or_(Delivery.closed.is_(False), (Delivery.holds_slot.is_(True) & Delivery.counted.is_(False))))
+    .order_by(Delivery.id.desc()).execution_options(populate_existing=True))
+
+_CLOSING_DELIVERY = (select(Delivery, FileEntry.sha256, UserDownload.order_id, Order.status)
+                     .join(UserDownload, UserDownload.id == Delivery.grant_id)
+                     .join(Order, Order.id == UserDownload.order_id)
+                     .outerjoin(FileEntry, (FileEntry.sku == Delivery.sku) & (FileEntry.path == Delivery.path))
+                     .where(Delivery.id == bindparam("delivery_id")).execution_options(populate_existing=True))
+
+_PRODUCT_FILE_LACKS_EVIDENCE = select(
+    select(FileEntry.id).where(
+        FileEntry.sku == bindparam("sku"), FileEntry.missing.is_(False),
+        ~select(Delivery.id).where(Delivery.grant_id == _GRANT_ID, Delivery.sku == FileEntry.sku,
+                                   Delivery.path == FileEntry.path, Delivery.evidence.is_not(None)).exists())
+    .exists())
+
+
+class OrmStore:
+    """Where ``reserve`` and ``settle`` keep their rows: the ORM session, for every case. The sidecar's
+    fast path (``app.downloads.fast_store.RawStore``) offers the same methods on a bare DBAPI
+    connection for the common cases, so one set of rules decides for both."""
+
+    def __init__(self, session: Session):
+        self.session = session
+
+    def lock_grant(self, grant_id: int) -> None:
+        _lock_grant(self.session, grant_id)
+
+    def file_deliveries(self, grant_id: int, entry) -> list[Delivery]:
+        """Under the grant lock: this file's deliveries that are not closed or still hold a slot, newest first."""
+        return self.session.scalars(_FILE_DELIVERIES, {"grant_id": grant_id, "sku": entry.sku,
+                                                       "path": entry.path}).all()
+
+    def slot_holders(self, grant_id: int, entry) -> list[Delivery]:
+        """This file's uncounted deliveries that hold a slot, least recently active first."""
+        return self.session.scalars(_SLOT_HOLDERS, {"grant_id": grant_id, "sku": entry.sku,
+                                                    "path": entry.path}).all()
+
+    def take_slot(self, grant_id: int, entry) -> bool:
+        return _take_slot(self.session, grant_id, entry)
+
+    def give_slot(self, grant_id: int) -> None:
+        _give_slot(self.session, grant_id)
+
+    def count(self, grant_id: int, delivery: Delivery) -> None:
+        _count(self.session, grant_id, delivery)
+
+    def insert_delivery(self, **columns) -> Delivery:
+        delivery = Delivery(**columns)
+        self.session.add(delivery)
+        self.session.flush()
+        return delivery
+
+    def flush(self) -> None:
+        self.session.flush()
+
+    def closing_delivery(self, delivery_id: int) -> tuple[Delivery, str | None, int, str]:
+        """Under the grant lock: the delivery, the file version the index has now, its order's id and state."""
+        return tuple(self.session.execute(_CLOSING_DELIVERY, {"delivery_id": delivery_id}).one())
+
+    def add_log(self, **columns) -> None:
+        self.session.add(DownloadLog(**columns))
+
+    def grant_lacks_evidence(self, grant_id: int, sku: str) -> bool:
+        return bool(self.session.scalar(_PRODUCT_FILE_LACKS_EVIDENCE, {"grant_id": grant_id, "sku": sku}))
+
+    def ship_if_complete(self, order_id: int, now: datetime) -> None:
+        maybe_ship(self.session, order_id, now)
+
+
+def _reclaim_slot(store, grant_id: int, entry, now: datetime) -> bool:
     """Move a slot from an unfinished delivery of the same file (older file version, idle, or
     scanner-sized) to a new one: the limit is per file, so only that file's slots can change hands."""
     stale = setting("DELIVERY_STALE_SECONDS")
-    candidates = session.scalars(select(Delivery).where(
-        Delivery.grant_id == grant.id, Delivery.sku == entry.sku, Delivery.path == entry.path,
-        Delivery.holds_slot.is_(True), Delivery.counted.is_(False))
-        .order_by(Delivery.last_activity_at).execution_options(populate_existing=True)).all()
-    for old in candidates:
-        older_version = old.sku == entry.sku and old.path == entry.path and old.sha256 != entry.sha256
+    for old in store.slot_holders(grant_id, entry):
+        older_version = old.sha256 != entry.sha256
         if (older_version and _unfinished(old)) or _reclaimable(old, now, stale):
             old.holds_slot = False
             old.closed = True
@@ -275,28 +350,13 @@ def _reclaim_slot(session: Session, grant: UserDownload, entry: FileEntry, now: 
     return False
 
 
-_FILE_DELIVERIES = (select(Delivery).where(
-    Delivery.grant_id == _GRANT_ID, Delivery.path == bindparam("path"), Delivery.sku == bindparam("sku"),
-    or_(Delivery.closed.is_(False), (Delivery.holds_slot.is_(True) & Delivery.counted.is_(False))))
-    .order_by(Delivery.id.desc()).execution_options(populate_existing=True))
-
-
-def _file_deliveries(session: Session, grant_id: int, entry: FileEntry) -> tuple[Delivery | None, list[Delivery]]:
-    """One query under the grant lock: the current delivery of this file version (the newest one not
-    closed) and the unfinished deliveries of older versions that still hold a slot."""
-    rows = session.scalars(_FILE_DELIVERIES, {"grant_id": grant_id, "sku": entry.sku, "path": entry.path}).all()
-    current = next((d for d in rows if d.sha256 == entry.sha256 and not d.closed), None)
-    older = [d for d in rows if d.sha256 != entry.sha256]
-    return current, older
-
-
-def _release_older_versions(session: Session, grant: UserDownload, older: list[Delivery]) -> None:
+def _release_older_versions(store, grant_id: int, older: list) -> None:
     """The shop replaced the file: unfinished deliveries of the old version give their slot back."""
     for old in older:
         if old.holds_slot and not old.counted:
             old.holds_slot = False
             old.closed = True
-            _give_slot(session, grant)
+            store.give_slot(grant_id)
 
 
 # -- the contract ----------------------------------------------------------------------------------
@@ -330,33 +390,41 @@ def grace_allows(session: Session, grant: UserDownload, entry: FileEntry | None 
 
 def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, start: int, length: int,
                  method: str = "GET", now: datetime | None = None) -> Reservation:
-    now = now or utcnow()
-    if start < 0 or length < 0 or start + length > entry.size:
-        raise InvalidInput(f"bytes {start}+{length} are outside the file ({entry.size} bytes)", status=416)
     reservation = Reservation(grant.id, grant.order.po_number, entry.sku, entry.path, start, length, method=method,
                               product_sku=_plain_product_sku(grant))
+    return reserve(OrmStore(session), grant, entry, reservation, now or utcnow())
+
+
+def reserve(store, grant, entry, reservation: Reservation, now: datetime) -> Reservation:
+    """The rules of ``open_request`` on any store: ``grant`` needs id, status and expires_at, ``entry``
+    sku, path, sha256 and size (ORM objects or the fast path's plain rows)."""
+    start, length = reservation.start, reservation.length
+    if start < 0 or length < 0 or start + length > entry.size:
+        raise InvalidInput(f"bytes {start}+{length} are outside the file ({entry.size} bytes)", status=416)
     expired = grant.expires_at <= now
-    _lock_grant(session, grant.id)
+    store.lock_grant(grant.id)
     # Under the grant lock every writer of these rows waits (locks: grant -> delivery -> order), so a
     # plain read sees the committed state: no separate delivery lock needed.
-    delivery, older = _file_deliveries(session, grant.id, entry)
+    rows = store.file_deliveries(grant.id, entry)
+    delivery = next((d for d in rows if d.sha256 == entry.sha256 and not d.closed), None)
+    older = [d for d in rows if d.sha256 != entry.sha256]
     if expired and not _grace_covers(grant, delivery, now):
         raise LinkExpired(grant.expires_at)
     if delivery is not None:
         _presume_broken(delivery, start, setting("INFLIGHT_ALLOWANCE"))
         if delivery.charged_bytes + length <= delivery.budget_bytes:
             if _unfinished(delivery) and not delivery.holds_slot:  # gave its slot back while idle
-                if not (_take_slot(session, grant, entry) or _reclaim_slot(session, grant, entry, now)):
+                if not (store.take_slot(grant.id, entry) or _reclaim_slot(store, grant.id, entry, now)):
                     raise DownloadsExhausted(FILE_USED_UP)
                 delivery.holds_slot = True
             _reserve(delivery, reservation, now)
-            session.flush()
+            store.flush()
             return reservation
     if expired:  # the grace finishes deliveries, it never starts one
         raise LinkExpired(grant.expires_at)
     inherit = (delivery is not None and delivery.holds_slot and _unfinished(delivery)
                and not _live_in_flight(delivery, now))
-    if not inherit and not (_take_slot(session, grant, entry) or _reclaim_slot(session, grant, entry, now)):
+    if not inherit and not (store.take_slot(grant.id, entry) or _reclaim_slot(store, grant.id, entry, now)):
         raise DownloadsExhausted(FILE_USED_UP)
     coverage: list[list[int]] = []
     if delivery is not None:
@@ -364,16 +432,16 @@ def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, sta
         if inherit:  # a restart of an unfinished delivery continues it: same slot, same coverage
             delivery.holds_slot = False
             coverage = parse_intervals(delivery.coverage)
-    _release_older_versions(session, grant, older)
+    _release_older_versions(store, grant.id, older)
     budget = max(entry.size, int(entry.size * setting("DELIVERY_BUDGET_FACTOR")))
     # Born with this request's reservation (one INSERT, no UPDATE after it).
-    new = Delivery(grant_id=grant.id, sku=entry.sku, path=entry.path, sha256=entry.sha256, size=entry.size,
-                   budget_bytes=budget, charged_bytes=0, coverage=json.dumps(coverage),
-                   covered_bytes=covered(coverage), attempts=0, holds_slot=True, closed=False,
-                   open_ranges="[]", started_at=now)
-    _reserve(new, reservation, now)
-    session.add(new)
-    session.flush()
+    new = store.insert_delivery(grant_id=grant.id, sku=entry.sku, path=entry.path, sha256=entry.sha256,
+                                size=entry.size, budget_bytes=budget, charged_bytes=length,
+                                coverage=json.dumps(coverage), covered_bytes=covered(coverage), evidence=None,
+                                counted=False, attempts=1, holds_slot=True, closed=False,
+                                open_ranges=json.dumps([_in_flight(reservation, now)]),
+                                last_activity_at=now, started_at=now, completed_at=None, verified_at=None)
+    store.flush()
     reservation.delivery_id = new.id
     return reservation
 
@@ -381,31 +449,24 @@ def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, sta
 def close_request(session: Session, reservation: Reservation, bytes_sent: int, *, status: int, outcome: str,
                   client_ip: str | None, user_agent: str | None, range_header: str | None,
                   now: datetime | None = None) -> None:
-    now = now or utcnow()
+    with session.no_autoflush:  # one UPDATE of the delivery at the end, not one per rule that touches it
+        settle(OrmStore(session), reservation, bytes_sent, status=status, outcome=outcome, client_ip=client_ip,
+               user_agent=user_agent, range_header=range_header, now=now or utcnow())
+
+
+def settle(store, reservation: Reservation, bytes_sent: int, *, status: int, outcome: str, client_ip: str | None,
+           user_agent: str | None, range_header: str | None, now: datetime) -> None:
+    """The rules of ``close_request`` on any store (see ``reserve``)."""
     bytes_sent = max(0, min(bytes_sent, reservation.length))
-    session.add(DownloadLog(grant_id=reservation.grant_id, delivery_id=reservation.delivery_id,
-                            order_po=reservation.order_po, path=reservation.path, client_ip=client_ip,
-                            user_agent=(user_agent or "")[:300], method=reservation.method,
-                            range_header=range_header[:200] if range_header else None, status=status,
-                            start_offset=reservation.start, bytes_sent=bytes_sent, outcome=outcome, at=now))
+    store.add_log(grant_id=reservation.grant_id, delivery_id=reservation.delivery_id, order_po=reservation.order_po,
+                  path=reservation.path, client_ip=client_ip, user_agent=(user_agent or "")[:300],
+                  method=reservation.method, range_header=range_header[:200] if range_header else None,
+                  status=status, start_offset=reservation.start, bytes_sent=bytes_sent, outcome=outcome, at=now)
     if reservation.delivery_id is None:
         return
-    with session.no_autoflush:  # one UPDATE of the delivery at the end, not one per rule that touches it
-        _close_delivery(session, reservation, bytes_sent, now)
-
-
-_CLOSING_DELIVERY = (select(Delivery, FileEntry.sha256, UserDownload.order_id, Order.status)
-                     .join(UserDownload, UserDownload.id == Delivery.grant_id)
-                     .join(Order, Order.id == UserDownload.order_id)
-                     .outerjoin(FileEntry, (FileEntry.sku == Delivery.sku) & (FileEntry.path == Delivery.path))
-                     .where(Delivery.id == bindparam("delivery_id")).execution_options(populate_existing=True))
-
-
-def _close_delivery(session: Session, reservation: Reservation, bytes_sent: int, now: datetime) -> None:
-    _lock_grant(session, reservation.grant_id)
+    store.lock_grant(reservation.grant_id)
     # One read under the grant lock: the delivery, the file version the index has now, the order's state.
-    delivery, indexed_sha256, order_id, order_status = session.execute(
-        _CLOSING_DELIVERY, {"delivery_id": reservation.delivery_id}).one()
+    delivery, indexed_sha256, order_id, order_status = store.closing_delivery(reservation.delivery_id)
     delivery.last_activity_at = now
     complete = bytes_sent >= reservation.length
     kept = reservation.length if complete else max(0, bytes_sent - setting("INFLIGHT_ALLOWANCE"))
@@ -424,39 +485,31 @@ def _close_delivery(session: Session, reservation: Reservation, bytes_sent: int,
         delivery.evidence = "transferred"
         delivery.completed_at = now
         if indexed_sha256 is None or indexed_sha256 == delivery.sha256:
-            _count(session, reservation.grant_id, delivery)
+            store.count(reservation.grant_id, delivery)
         elif delivery.holds_slot:  # replaced by the shop while on its way: the shopper fetches the new one
             delivery.holds_slot = False
-            _give_slot(session, _grant_in_session(session, reservation.grant_id))
+            store.give_slot(reservation.grant_id)
     elif (delivery.holds_slot and _unfinished(delivery) and delivery.covered_bytes < SCANNER_BYTES
           and not _live_in_flight(delivery, now)):
         # A peek (scanner, preview, a download manager's surplus connection) holds no slot once it ends.
         delivery.holds_slot = False
-        _give_slot(session, _grant_in_session(session, reservation.grant_id))
-    session.flush()
+        store.give_slot(reservation.grant_id)
+    store.flush()
     # A shipped order already has at least "transferred" evidence: another transfer cannot change it
     # (only every file's client proof raises it, in confirm). So the whole-order check runs only when
     # a delivery just completed for an order that is still pending.
     # And a grant that still lacks evidence for one of its files keeps its order pending: that is one
     # EXISTS query (under this grant's lock its files' evidence cannot change), not the order-wide check.
     if finished_now and order_status != "shipped" and not (
-            reservation.product_sku is not None and session.scalar(
-                _PRODUCT_FILE_LACKS_EVIDENCE, {"grant_id": reservation.grant_id, "sku": reservation.product_sku})):
-        maybe_ship(session, order_id, now)
+            reservation.product_sku is not None
+            and store.grant_lacks_evidence(reservation.grant_id, reservation.product_sku)):
+        store.ship_if_complete(order_id, now)
 
 
 def _plain_product_sku(grant: UserDownload) -> str | None:
     if grant.entitlement_class or (grant.product is not None and grant.product.package is not None):
         return None
     return grant.sku
-
-
-_PRODUCT_FILE_LACKS_EVIDENCE = select(
-    select(FileEntry.id).where(
-        FileEntry.sku == bindparam("sku"), FileEntry.missing.is_(False),
-        ~select(Delivery.id).where(Delivery.grant_id == _GRANT_ID, Delivery.sku == FileEntry.sku,
-                                   Delivery.path == FileEntry.path, Delivery.evidence.is_not(None)).exists())
-    .exists())
 
 
 def log_request(session: Session, grant: UserDownload | None, path: str, *, status: int, outcome: str,
@@ -520,7 +573,7 @@ def release_stale_deliveries(session: Session, now: datetime | None = None) -> i
         delivery = _lock_delivery(session, delivery_id)
         if delivery.holds_slot and _unfinished(delivery) and not _live_in_flight(delivery, now):
             delivery.holds_slot = False
-            _give_slot(session, session.get(UserDownload, grant_id))
+            _give_slot(session, grant_id)
             released += 1
         session.flush()
     return released

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from functools import lru_cache
 
 from itsdangerous import BadSignature, URLSafeSerializer
 
@@ -43,6 +44,11 @@ def read_receipt(secret: str, token: str) -> Receipt:
     """Verify the signature and shape; a forged or altered token is LinkNotFound (no database work)."""
     if not token or len(token) > 600:
         raise LinkNotFound()
+    return _verified(secret, token)
+
+
+@lru_cache(maxsize=4096)  # a link is opened many times (every file, every resume); only good ones are kept
+def _verified(secret: str, token: str) -> Receipt:
     try:
         data = _serializer(secret).loads(token)
         po, grant_id, key, content_class, expires, tag = data

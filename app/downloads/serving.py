@@ -64,16 +64,20 @@ def content_disposition(name: str) -> str:
 
 
 def file_headers(req: FileRequest) -> dict[str, str]:
-    entry = req.entry
+    return entry_headers(req.entry, req.name, req.metalink_url)
+
+
+def entry_headers(entry, name: str, metalink_url: str) -> dict[str, str]:
+    """The headers of a file response (``entry``: an index entry, ORM object or fast-path row)."""
     digest = base64.b64encode(bytes.fromhex(entry.sha256)).decode()
     return {
         "Content-Type": entry.media_type,
-        "Content-Disposition": content_disposition(req.name),
+        "Content-Disposition": content_disposition(name),
         "ETag": etag_for(entry),
         "Last-Modified": http_date(entry.mtime_ns // 1_000_000_000),
         "Accept-Ranges": "bytes",
         "Repr-Digest": f"sha-256=:{digest}:",
-        "Link": f'<{req.metalink_url}>; rel=describedby; type="application/metalink4+xml"',
+        "Link": f'<{metalink_url}>; rel=describedby; type="application/metalink4+xml"',
         "Cache-Control": "private, no-transform",
     }
 
