@@ -6,8 +6,8 @@ rules can open without shipping the order) it validates, reserves, answers and r
 DBAPI connection (``app.downloads.fast_store``) with the very same rules (``delivery.reserve`` and
 ``delivery.settle``) and response headers as the Flask view. Everything else, including every
 refusal, falls through to the Flask view before anything was written, so pages, JSON errors, the
-download log of refusals and the guessing limit stay in one place. Measured: 4 KiB files from
-~190 to ~2,000+ requests/s on 2 cores (README "Performance").
+download log of refusals and the guessing limit stay in one place. Measured (bench/sidecar_bench.py,
+2 cores): 4 KiB files from 0.10x to 0.43x the rate of bare Flask's send_from_directory (README).
 
 A good link is therefore never slowed by the guessing limit: only failed links reach it (as before,
 only they count against it).
