@@ -97,10 +97,9 @@ class FastFiles:
             return None
         request = FastRequest(environ, token, receipt, name)
         try:
-            planned = self.runner.read(lambda store: self._plan(store, request))
-            if planned is not None:  # committed before the first byte leaves
-                self.runner.run(lambda store: delivery.reserve(store, planned.grant, planned.entry,
-                                                               planned.reservation, planned.now))
+            planned = self.runner.read_then_run(  # the reservation is committed before the first byte leaves
+                lambda store: self._plan(store, request),
+                lambda store, p: delivery.reserve(store, p.grant, p.entry, p.reservation, p.now))
         except (DeliveryRefused, NeedsFullPath) + self.runner.connections.errors:
             return None  # rolled back: the Flask view answers, with its page and its log row
         except Exception:  # a bug here must not cost the shopper the file: the Flask view serves it

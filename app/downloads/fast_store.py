@@ -429,6 +429,16 @@ class PooledRunner:
         finally:
             store.close()
 
+    def read_then_run(self, reading: Callable[[RawStore], T | None], writing: Callable[[RawStore, T], object]) -> T | None:
+        """``reading``, then (unless it gave None) ``writing`` with what it read, committed when this
+        returns: one transaction here (one round trip fewer)."""
+        def both(store: RawStore) -> T | None:
+            found = reading(store)
+            if found is not None:
+                writing(store, found)
+            return found
+        return self.run(both)
+
     def close(self) -> None:
         self.connections.close()
 
@@ -471,6 +481,13 @@ class BatchedRunner(PooledRunner):
         if job.error is not None:
             raise job.error
         return job.result
+
+    def read_then_run(self, reading: Callable[[RawStore], T | None], writing: Callable[[RawStore, T], object]) -> T | None:
+        """The read in the calling thread (no turn on the write lock), the write in the next batch."""
+        found = self.read(reading)
+        if found is not None:
+            self.run(lambda store: writing(store, found))
+        return found
 
     def close(self) -> None:
         with self._wake:
