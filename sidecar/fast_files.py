@@ -18,16 +18,15 @@ import hmac
 import logging
 import os
 import re
-import stat
-import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 
 from app.downloads import delivery
-from app.downloads.access import looks_hostile
+from app.downloads.access import looks_hostile, real_path
 from app.downloads.errors import DeliveryRefused, LinkNotFound
 from app.downloads.fast_store import EntryRow, GrantRow, NeedsFullPath, RawStore, runner_for
 from app.downloads.ranges import ByteRange, evaluate
@@ -51,7 +50,7 @@ class Planned:
     entry: EntryRow
     reservation: delivery.Reservation
     now: datetime
-    full_path: str
+    full_path: Path
 
 
 class FastRequest:
@@ -70,7 +69,6 @@ class FastFiles:
             self.runner = runner_for(db.engine)
         app.extensions["softgoods_fast_files"] = self
         self._adapters: dict[tuple, object] = {}
-        self._roots: dict[tuple[str, str], tuple[float, str]] = {}
 
     def __call__(self, environ, start_response):
         if environ.get("REQUEST_METHOD") == "GET" and self.app.config["DELIVERY"] == "pipe":
@@ -137,8 +135,12 @@ class FastFiles:
         entry = grant.entry
         if entry is None or entry.flagged or (grant.package_name is not None and name != f"{grant.package_name}.zip"):
             return None
-        full_path = self._checked_path(config["DOWNLOAD_DIR"], entry)
-        if full_path is None:
+        try:
+            full_path = real_path(config["DOWNLOAD_DIR"], entry)
+        except DeliveryRefused:
+            return None  # the Flask view answers, logs and flags
+        # The file is opened after the reservation: refuse here what open() would (a folder, no permission).
+        if not (os.path.isfile(full_path) and os.access(full_path, os.R_OK)):
             return None
         headers = entry_headers(entry, name, self._metalink_url(request.environ, request.token, name))
         plan = evaluate(request.headers, size=entry.size, etag=headers["ETag"], mtime=entry.mtime_ns // 1_000_000_000)
@@ -167,31 +169,6 @@ class FastFiles:
                 environ, server_name=self.app.config["SERVER_NAME"],
                 subdomain=self.app.url_map.default_subdomain or None)
         return adapter.build("sidecar.metalink", {"receipt": token, "name": name}, force_external=True)
-
-    def _checked_path(self, download_dir: str, entry) -> str | None:
-        """As access.real_path: inside DOWNLOAD_DIR/<SKU>/ after resolving links, and unchanged since
-        indexed (None: the Flask view answers, logs and flags). The product folder's own real path is
-        kept for a second: it changes only when the owner moves the folder."""
-        now = time.monotonic()
-        cached = self._roots.get((download_dir, entry.sku))
-        if cached is None or now - cached[0] > 1.0:
-            if len(self._roots) > 4096:
-                self._roots.clear()
-            cached = self._roots[(download_dir, entry.sku)] = (
-                now, os.path.realpath(os.path.join(download_dir, entry.sku)))
-        root = cached[1]
-        full = os.path.realpath(os.path.join(root, entry.path))
-        if not full.startswith(root + os.sep):
-            return None
-        try:
-            st = os.stat(full)
-        except OSError:
-            return None
-        # Opening happens after the reservation: refuse here what open() would (a folder, no permission).
-        if (st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns or not stat.S_ISREG(st.st_mode)
-                or not os.access(full, os.R_OK)):
-            return None
-        return full
 
     def _finisher(self, reservation: delivery.Reservation, status: int, length: int, client_ip: str,
                   user_agent: str | None, range_header: str | None):

@@ -168,9 +168,10 @@ def real_path(download_dir: str, entry: FileEntry) -> Path:
     dangles); FileUnavailable when it differs from what was indexed (being replaced: never serve
     bytes that do not match the listed SHA-256).
     """
-    root = (Path(download_dir) / entry.sku).resolve()
-    full = (root / entry.path).resolve()
-    if not full.is_relative_to(root) or full == root:
+    # os.path.realpath on strings: what Path.resolve does, for a fraction of the CPU (every file GET).
+    root = os.path.realpath(os.path.join(download_dir, entry.sku))
+    full = os.path.realpath(os.path.join(root, entry.path))
+    if not full.startswith(root + os.sep):
         raise FileNotFound()
     try:
         st = os.stat(full)
@@ -179,7 +180,7 @@ def real_path(download_dir: str, entry: FileEntry) -> Path:
     if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
         raise FileUnavailable("This file is being updated right now.",
                               advice="Please try again in a few minutes.")
-    return full
+    return Path(full)
 
 
 UNREADABLE = "unreadable on disk"  # the prefix of the flag set below (a later good read clears it)

@@ -101,10 +101,6 @@ class EntryRow:
         for name, value in zip(self.__slots__, values):
             setattr(self, name, value)
 
-    @property
-    def registered_path(self) -> str:
-        return f"{self.sku}/{self.path}"
-
 
 # A file request reads the grant, its order's PO number, its product's package and the asked-for
 # index entry at once (the entry's SKU is the grant's, or the packages folder for a package product).
