@@ -31,7 +31,7 @@ from app.downloads.errors import DeliveryRefused, LinkNotFound
 from app.downloads.fast_store import EntryRow, GrantRow, NeedsFullPath, RawStore, runner_for
 from app.downloads.ranges import ByteRange, evaluate
 from app.downloads.receipts import address_tag, key_matches, read_receipt
-from app.downloads.serving import TrackedFile, entry_headers
+from app.downloads.serving import TrackedFile, close_with_orm, entry_headers
 from app.extensions import db
 from app.timeutil import utcnow
 from sidecar import metrics
@@ -184,12 +184,5 @@ class FastFiles:
             except Exception:
                 log.exception("fast path could not record the end of %s/%s; the ORM path tries",
                               reservation.sku, reservation.path)
-            with self.app.app_context():  # shipping the order (or a failure above): the ORM rules
-                try:
-                    delivery.close_request(db.session, reservation, sent, **record)
-                    db.session.commit()
-                except Exception:  # the bytes are gone either way; never lose the worker over a log row
-                    log.exception("could not record the end of %s/%s (%d bytes)", reservation.sku,
-                                  reservation.path, sent)
-                    db.session.rollback()
+            close_with_orm(self.app, reservation, sent, **record)  # shipping the order, or a failure above
         return finish

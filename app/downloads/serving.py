@@ -162,25 +162,28 @@ class TrackedFile:
         self._on_close(self.bytes_sent)
 
 
+def close_with_orm(app: Flask, reservation: delivery.Reservation, sent: int, **record) -> None:
+    """close_request in its own app context (a response body closes after its request's context).
+    Never raises: the bytes are gone either way; a failure is logged, not lost in a worker."""
+    with app.app_context():
+        try:
+            delivery.close_request(db.session, reservation, sent, **record)
+            db.session.commit()
+        except Exception:
+            log.exception("could not record the end of %s/%s (%d bytes)", reservation.sku, reservation.path, sent)
+            db.session.rollback()
+
+
 def _finisher(app: Flask, reservation: delivery.Reservation, req: FileRequest, status: int,
               length: int) -> Callable[[int], None]:
-    """close_request in its own app context: the response body closes after the request's context."""
     from sidecar.metrics import transfer_finished
 
     range_header = req.headers.get("Range")
 
     def finish(sent: int) -> None:
         transfer_finished(sent)
-        with app.app_context():
-            try:
-                delivery.close_request(db.session, reservation, sent, status=status,
-                                       outcome="complete" if sent == length else "aborted",
-                                       client_ip=req.client_ip, user_agent=req.user_agent,
-                                       range_header=range_header)
-                db.session.commit()
-            except Exception:  # the bytes are gone either way; never lose the worker over a log row
-                log.exception("could not record the end of %s (%d bytes)", req.entry.registered_path, sent)
-                db.session.rollback()
+        close_with_orm(app, reservation, sent, status=status, outcome="complete" if sent == length else "aborted",
+                       client_ip=req.client_ip, user_agent=req.user_agent, range_header=range_header)
     return finish
 
 
