@@ -92,6 +92,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 from flask import current_app, has_app_context
 from sqlalchemy import bindparam, func, or_, select, update
@@ -202,18 +203,16 @@ def _stale_counters(session: Session, grant_id: int) -> None:
         session.expire(grant, ["downloads_used", "downloads_held"])
 
 
-def _count(session: Session, grant_id: int, delivery: Delivery) -> None:
+def _count(store, grant_id: int, delivery) -> None:
     """A delivery finished: its held slot becomes a used download. One that had given its slot back
     counts only if its file's limit still allows (conditional UPDATE again)."""
     if delivery.counted:
         return
     if delivery.holds_slot:
-        session.execute(_COUNT_HELD, {"grant_id": grant_id})
+        store.count_held(grant_id)
         delivery.counted, delivery.holds_slot = True, False
     else:
-        delivery.counted = session.execute(_COUNT_IF_ROOM, {"grant_id": grant_id, "file_sku": delivery.sku,
-                                                            "file_path": delivery.path}).rowcount == 1
-    _stale_counters(session, grant_id)
+        delivery.counted = store.count_if_room(grant_id, delivery)
 
 
 # -- requests in flight (Delivery.open_ranges: [[token, start, end, charge, presumed_broken, opened], ...]) --
@@ -240,13 +239,11 @@ def _presume_broken(delivery: Delivery, start: int, allowance: int) -> None:
     delivery.open_ranges = json.dumps(ranges)
 
 
-def _in_flight(reservation: Reservation, now: datetime) -> list:
-    return [reservation.token, reservation.start, reservation.start + reservation.length, reservation.length,
-            False, int(now.timestamp())]
-
-
 def _reserve(delivery: Delivery, reservation: Reservation, now: datetime) -> None:
-    delivery.open_ranges = json.dumps(_ranges(delivery) + [_in_flight(reservation, now)])
+    ranges = _ranges(delivery)
+    ranges.append([reservation.token, reservation.start, reservation.start + reservation.length,
+                   reservation.length, False, int(now.timestamp())])
+    delivery.open_ranges = json.dumps(ranges)
     delivery.charged_bytes += reservation.length
     delivery.attempts += 1
     delivery.last_activity_at = now
@@ -316,8 +313,16 @@ class OrmStore:
     def give_slot(self, grant_id: int) -> None:
         _give_slot(self.session, grant_id)
 
-    def count(self, grant_id: int, delivery: Delivery) -> None:
-        _count(self.session, grant_id, delivery)
+    def count_held(self, grant_id: int) -> None:
+        self.session.execute(_COUNT_HELD, {"grant_id": grant_id})
+        _stale_counters(self.session, grant_id)
+
+    def count_if_room(self, grant_id: int, delivery: Delivery) -> bool:
+        """Count a delivery that holds no slot, if its file's limit allows."""
+        result = self.session.execute(_COUNT_IF_ROOM, {"grant_id": grant_id, "file_sku": delivery.sku,
+                                                       "file_path": delivery.path})
+        _stale_counters(self.session, grant_id)
+        return result.rowcount == 1
 
     def insert_delivery(self, **columns) -> Delivery:
         delivery = Delivery(**columns)
@@ -439,13 +444,14 @@ def reserve(store, grant, entry, reservation: Reservation, now: datetime) -> Res
             coverage = parse_intervals(delivery.coverage)
     _release_older_versions(store, grant.id, older)
     budget = max(entry.size, int(entry.size * setting("DELIVERY_BUDGET_FACTOR")))
-    # Born with this request's reservation (one INSERT, no UPDATE after it).
-    new = store.insert_delivery(grant_id=grant.id, sku=entry.sku, path=entry.path, sha256=entry.sha256,
-                                size=entry.size, budget_bytes=budget, charged_bytes=length,
-                                coverage=json.dumps(coverage), covered_bytes=covered(coverage), evidence=None,
-                                counted=False, attempts=1, holds_slot=True, closed=False,
-                                open_ranges=json.dumps([_in_flight(reservation, now)]),
-                                last_activity_at=now, started_at=now, completed_at=None, verified_at=None)
+    born = SimpleNamespace(id=None, grant_id=grant.id, sku=entry.sku, path=entry.path, sha256=entry.sha256,
+                           size=entry.size, budget_bytes=budget, charged_bytes=0, coverage=json.dumps(coverage),
+                           covered_bytes=covered(coverage), evidence=None, counted=False, attempts=0,
+                           holds_slot=True, closed=False, open_ranges="[]", last_activity_at=None, started_at=now,
+                           completed_at=None, verified_at=None)
+    _reserve(born, reservation, now)  # born with this request's reservation: one INSERT, no UPDATE after it
+    del born.id
+    new = store.insert_delivery(**vars(born))
     store.flush()
     reservation.delivery_id = new.id
     return reservation
@@ -490,7 +496,7 @@ def settle(store, reservation: Reservation, bytes_sent: int, *, status: int, out
         delivery.evidence = "transferred"
         delivery.completed_at = now
         if indexed_sha256 is None or indexed_sha256 == delivery.sha256:
-            store.count(reservation.grant_id, delivery)
+            _count(store, reservation.grant_id, delivery)
         elif delivery.holds_slot:  # replaced by the shop while on its way: the shopper fetches the new one
             delivery.holds_slot = False
             store.give_slot(reservation.grant_id)
@@ -555,7 +561,7 @@ def confirm(session: Session, grant: UserDownload, entry: FileEntry, sha256: str
     delivery = _lock_delivery(session, delivery.id)
     if delivery.evidence == "verified":
         return "verified"
-    _count(session, grant.id, delivery)
+    _count(OrmStore(session), grant.id, delivery)
     delivery.evidence = "verified"
     delivery.verified_at = now
     delivery.completed_at = delivery.completed_at or now

@@ -350,15 +350,11 @@ class RawStore:
     def give_slot(self, grant_id: int) -> None:
         self._run("_GIVE_SLOT", {"grant_id": grant_id})
 
-    def count(self, grant_id: int, delivery: DeliveryRow) -> None:
-        if delivery.counted:
-            return
-        if delivery.holds_slot:
-            self._run("_COUNT_HELD", {"grant_id": grant_id})
-            delivery.counted, delivery.holds_slot = True, False
-        else:
-            params = self._limit_params(grant_id, delivery.sku, delivery.path)
-            delivery.counted = self._run("_COUNT_IF_ROOM", params).rowcount == 1
+    def count_held(self, grant_id: int) -> None:
+        self._run("_COUNT_HELD", {"grant_id": grant_id})
+
+    def count_if_room(self, grant_id: int, delivery: DeliveryRow) -> bool:
+        return self._run("_COUNT_IF_ROOM", self._limit_params(grant_id, delivery.sku, delivery.path)).rowcount == 1
 
     def insert_delivery(self, **columns) -> DeliveryRow:
         delivery = DeliveryRow(columns)
