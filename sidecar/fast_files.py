@@ -14,7 +14,6 @@ only they count against it).
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import re
@@ -26,12 +25,12 @@ from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
 
 from app.downloads import delivery
-from app.downloads.access import looks_hostile, real_path
+from app.downloads.access import address_allowed, looks_hostile, real_path
 from app.downloads.errors import DeliveryRefused, LinkNotFound
 from app.downloads.fast_store import EntryRow, GrantRow, NeedsFullPath, RawStore, runner_for
 from app.downloads.ranges import ByteRange, evaluate
-from app.downloads.receipts import address_tag, key_matches, read_receipt
-from app.downloads.serving import TrackedFile, close_with_orm, entry_headers
+from app.downloads.receipts import key_matches, read_receipt
+from app.downloads.serving import TrackedFile, close_with_orm, entry_headers, single_part
 from app.extensions import db
 from app.timeutil import utcnow
 from sidecar import metrics
@@ -91,7 +90,7 @@ class FastFiles:
             receipt = read_receipt(self.app.config["SECRET_KEY"], token)
         except LinkNotFound:
             return None
-        if looks_hostile(name) or len(name) > 1100 or "\ufffd" in name:
+        if looks_hostile(name) or "\ufffd" in name:
             return None
         request = FastRequest(environ, token, receipt, name)
         try:
@@ -129,8 +128,7 @@ class FastFiles:
             return None
         if grant.status != "active" or grant.expires_at <= now or grant.entitlement_class:
             return None
-        if grant.bound_ip and not hmac.compare_digest(address_tag(config["SECRET_KEY"], request.client_ip),
-                                                      address_tag(config["SECRET_KEY"], grant.bound_ip)):
+        if not address_allowed(config["SECRET_KEY"], grant, request.client_ip):
             return None
         entry = grant.entry
         if entry is None or entry.flagged or (grant.package_name is not None and name != f"{grant.package_name}.zip"):
@@ -146,10 +144,7 @@ class FastFiles:
         plan = evaluate(request.headers, size=entry.size, etag=headers["ETag"], mtime=entry.mtime_ns // 1_000_000_000)
         if plan.status not in (200, 206) or len(plan.ranges) > 1:
             return None
-        part = plan.ranges[0] if plan.ranges else ByteRange(0, entry.size)
-        if plan.status == 206:
-            headers["Content-Range"] = part.content_range(entry.size)
-        headers["Content-Length"] = str(part.length)
+        part = single_part(plan, entry.size, headers)
         headers["X-Accel-Buffering"] = "no"  # a buffering proxy would read ahead of the shopper
         reservation = delivery.Reservation(
             grant.id, grant.po_number, entry.sku, entry.path, part.start, part.length, method="GET",

@@ -61,10 +61,15 @@ def open_grant(session: Session, secret: str, token: str, client_ip: str, *, lis
             raise LinkExpired(grant.expires_at)
     if listing and used_up(session, grant):
         raise DownloadsExhausted()
-    if grant.bound_ip and not hmac.compare_digest(address_tag(secret, client_ip),
-                                                  address_tag(secret, grant.bound_ip)):
+    if not address_allowed(secret, grant, client_ip):
         raise AddressMismatch()
     return OpenedGrant(grant, receipt)
+
+
+def address_allowed(secret: str, grant, client_ip: str) -> bool:
+    """A grant bound to an address opens only from it (compared through keyed hashes)."""
+    return not grant.bound_ip or hmac.compare_digest(address_tag(secret, client_ip),
+                                                     address_tag(secret, grant.bound_ip))
 
 
 def is_class_entitlement(grant: UserDownload) -> bool:
@@ -135,14 +140,14 @@ def used_up(session: Session, grant: UserDownload) -> bool:
 def looks_hostile(requested: str) -> bool:
     """Shapes no index entry can have; refused before any lookup (and logged by the caller)."""
     parts = requested.split("/")
-    return (not requested or "\0" in requested or "\\" in requested or requested.startswith("/")
-            or any(part in ("", ".", "..") for part in parts))
+    return (not requested or len(requested) > 1100 or "\0" in requested or "\\" in requested
+            or requested.startswith("/") or any(part in ("", ".", "..") for part in parts))
 
 
 def find_file(session: Session, grant: UserDownload, requested: str) -> FileEntry:
     """The index entry named by ``requested``, looked up (never joined onto a directory) among the
     grant's own entries. FileNotFound when there is none."""
-    if looks_hostile(requested) or len(requested) > 1100:
+    if looks_hostile(requested):
         raise FileNotFound()
     if is_class_entitlement(grant):
         sku, _, path = requested.partition("/")

@@ -187,6 +187,15 @@ def _finisher(app: Flask, reservation: delivery.Reservation, req: FileRequest, s
     return finish
 
 
+def single_part(plan: Plan, size: int, headers: dict[str, str]) -> ByteRange:
+    """The one part a 200/206 plan sends; sets its Content-Range (206) and Content-Length in ``headers``."""
+    part = plan.ranges[0] if plan.ranges else ByteRange(0, size)
+    if plan.status == 206:
+        headers["Content-Range"] = part.content_range(size)
+    headers["Content-Length"] = str(part.length)
+    return part
+
+
 class PipeDelivery:
     """The sidecar sends the bytes itself: full and single-range bodies by sendfile (zero-copy)."""
 
@@ -205,10 +214,7 @@ class PipeDelivery:
                             headers={"Content-Range": f"bytes */{entry.size}"})
         if len(plan.ranges) > 1:
             return self._multipart(req, plan, headers)
-        part = plan.ranges[0] if plan.ranges else ByteRange(0, entry.size)
-        if plan.status == 206:
-            headers["Content-Range"] = part.content_range(entry.size)
-        headers["Content-Length"] = str(part.length)
+        part = single_part(plan, entry.size, headers)
         if req.method == "HEAD":
             _log_only(req, plan.status, "head")
             return Response(status=plan.status, headers=headers)
