@@ -219,9 +219,11 @@ def choose_entitlement(session: Session, grant: UserDownload, sku: str) -> Entit
     for choice in grant.choices:
         if choice.product_id == product.id:
             return choice
-    # Lock the grant row so two concurrent picks cannot both take the last choice.
-    session.execute(select(UserDownload.id).where(UserDownload.id == grant.id).with_for_update())
-    session.refresh(grant, ["choices"])
+    _lock_for_picking(session, grant)
+    session.refresh(grant, ["choices"])  # read after the lock: every pick committed before it counts
+    for choice in grant.choices:
+        if choice.product_id == product.id:  # the same pick, posted twice at once
+            return choice
     if len(grant.choices) >= (grant.entitlement_count or 0):
         raise InvalidInput(f"You have already chosen all {grant.entitlement_count} products of this download.",
                            status=403)
@@ -229,6 +231,19 @@ def choose_entitlement(session: Session, grant: UserDownload, sku: str) -> Entit
     session.add(choice)
     session.flush()
     return choice
+
+
+def _lock_for_picking(session: Session, grant: UserDownload) -> None:
+    """Make picks on one grant take turns until the caller commits.
+
+    A write to the grant row does it on both databases: PostgreSQL locks the row (a concurrent pick
+    waits, then reads the committed picks), and SQLite starts its one write transaction, so no other
+    pick can insert between our count and our insert. ``SELECT ... FOR UPDATE`` is a no-op on SQLite,
+    and the count alone is read outside any transaction there: three picks on "any 2" all succeeded.
+    """
+    session.execute(update(UserDownload).where(UserDownload.id == grant.id)
+                    .values(entitlement_count=UserDownload.entitlement_count)
+                    .execution_options(synchronize_session=False))
 
 
 def choices_left(grant: UserDownload) -> int:
