@@ -14,12 +14,15 @@ from flask.cli import AppGroup
 from app.downloads.errors import InvalidInput
 from app.downloads.models import AuditEntry
 from app.extensions import db
+from app.text_input import NOT_TEXT, first_unstorable
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 
 
 def _one_line(make_context):
     def wrapped(self, info_name, args, parent=None, **extra):
+        if first_unstorable(args) is not None:  # an undecodable byte arrives as a lone surrogate
+            raise click.UsageError(NOT_TEXT)
         try:
             return make_context(self, info_name, args, parent=parent, **extra)
         except click.UsageError as exc:

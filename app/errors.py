@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from app.downloads.errors import DeliveryRefused, InvalidInput
 from app.extensions import db
+from app.text_input import refuse_unstorable_request
 
 log = logging.getLogger("softgoods")
 
@@ -38,6 +39,9 @@ def error_response(status: int, message: str, advice: str = "", headers: dict | 
 
 
 def register(app: Flask) -> None:
+    # Refused here, in both apps, so no view, lookup or log line ever receives such text.
+    app.before_request(refuse_unstorable_request)
+
     @app.errorhandler(DeliveryRefused)
     def refused(exc: DeliveryRefused):
         return error_response(exc.status, exc.message, exc.advice, contact=current_app.config["SHOP_CONTACT"])

@@ -21,6 +21,7 @@ from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
 from app.errors import wants_json
 from app.health import healthz_response
+from app.text_input import json_body, refuses_paths_itself
 from app.extensions import client_address, csrf, db, limiter
 from sidecar import metrics
 
@@ -164,12 +165,14 @@ def _evidence_by_file(grant_id: int) -> dict[tuple[str, str], str]:
 
 
 @bp.route("/d/<receipt>/f/<anypath:name>", methods=["GET", "HEAD"])
+@refuses_paths_itself  # a hostile path is a logged 404 (looks_hostile), NUL included
 @guarded
 def file(receipt: str, name: str):
     return delivery_mode().deliver(_file_request(receipt, name))
 
 
 @bp.route("/d/<receipt>/m/<anypath:name>.meta4", methods=["GET", "HEAD"])
+@refuses_paths_itself  # a hostile path is a logged 404 (looks_hostile), NUL included
 @guarded
 def metalink(receipt: str, name: str):
     opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, name))
@@ -184,7 +187,7 @@ def metalink(receipt: str, name: str):
 @csrf.exempt  # a JSON API called by the verifying client; the secret receipt in the URL is the credential
 @guarded
 def confirm(receipt: str):
-    payload = request.get_json(silent=True)
+    payload = json_body()
     named = payload.get("path") if isinstance(payload, dict) else None
     opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, named))
     if not isinstance(payload, dict) or not isinstance(payload.get("path"), str) \
@@ -203,7 +206,7 @@ def choose(receipt: str):
     if not request.is_json and current_app.config.get("WTF_CSRF_ENABLED", True):
         csrf.protect()
     opened = _open(receipt)
-    payload = request.get_json(silent=True) if request.is_json else request.form
+    payload = json_body() if request.is_json else request.form
     sku = payload.get("sku") if isinstance(payload, dict) or hasattr(payload, "get") else None
     if not isinstance(sku, str) or not sku:
         raise InvalidInput("Choose a product (send its SKU).", status=400)
