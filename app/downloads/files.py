@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from werkzeug.utils import secure_filename
 
 from app.downloads.errors import InvalidInput
-from app.downloads.index import index_one, walk_product_files
+from app.downloads.index import index_one, product_file_path, walk_product_files
 from app.downloads.models import PACKAGES_SKU, FileEntry
 from app.downloads.packages import packages_using
 from app.store.models import SKU_PATTERN
@@ -197,7 +197,7 @@ def register_file(session: Session, download_dir: str | Path, registered: str) -
     target = parse_registered(registered)
     path = target.on_disk(download_dir)
     _inside(download_dir, path)
-    if path.is_symlink() or not path.is_file():
+    if product_file_path(download_dir, target.sku, target.rel) is None:
         raise InvalidInput(f"{target.registered_path} is not a file in the download folder")
     return index_one(session, download_dir, target.sku, target.rel)
 
@@ -213,7 +213,7 @@ def move_file(session: Session, download_dir: str | Path, source: str, destinati
     src_path, dst_path = src.on_disk(download_dir), dst.on_disk(download_dir)
     _inside(download_dir, src_path)
     _inside(download_dir, dst_path.parent)
-    if not src_path.is_file():
+    if product_file_path(download_dir, src.sku, src.rel) is None:
         raise InvalidInput(f"{src.registered_path} is not in the download folder")
     if dst_path.exists() and not overwrite:
         raise InvalidInput(f"{dst.registered_path} already exists; confirm to replace it", status=409)

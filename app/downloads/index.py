@@ -5,9 +5,11 @@ Only this module hashes files; the request path reads what it recorded.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import mimetypes
 import os
+import stat
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +54,8 @@ class Digest:
 
 def hash_file(path: str | os.PathLike) -> Digest:
     """Whole-file and per-piece SHA-256 in one pass; stat before and after to catch a file being written."""
-    with open(path, "rb") as fh:
+    # O_NOFOLLOW: a file swapped for a link after the rule's check is refused, not hashed.
+    with open(open_product_file(os.fspath(path)), "rb") as fh:
         before = os.fstat(fh.fileno())
         piece_size = piece_size_for(before.st_size)
         whole = hashlib.sha256()
@@ -86,27 +89,55 @@ class FileChanging(Exception):
     """The file changed while it was hashed (still being copied): index it when it is complete."""
 
 
-def walk_product_files(download_dir: Path) -> Iterator[tuple[str, str]]:
-    """(sku, relative posix path) of every regular file under DOWNLOAD_DIR/<SKU>/**.
+def product_file_path(download_dir: str | Path, sku: str, rel: str) -> str | None:
+    """The one rule for "is this a product file?" (index walk, watcher, file manager, package builder):
+    DOWNLOAD_DIR/<sku>/<rel> must be a regular file whose real path stays inside DOWNLOAD_DIR/<sku>/.
+    Returns that real path, or None.
 
-    Folders whose name is not a valid SKU (".packages", ".tmp", "../") are not products; links that
-    point outside the SKU's folder are never indexed.
+    A symlink that leaves the folder (``MANUAL/leak.txt -> instance/secret_key``) is not a product
+    file: indexed, it was listed, served and packed. A symlink inside the folder that points inside
+    it is one (the owner's alias of their own file); the SKU folder itself must not be a link.
     """
+    base = os.path.realpath(download_dir)
+    root = os.path.realpath(os.path.join(base, sku))
+    if root != os.path.join(base, sku):
+        return None
+    full = os.path.realpath(os.path.join(root, rel))
+    if not full.startswith(root + os.sep):
+        return None
+    try:
+        mode = os.stat(full).st_mode
+    except OSError:
+        return None
+    return full if stat.S_ISREG(mode) else None
+
+
+def open_product_file(real_path: str) -> int:
+    """Open a path ``product_file_path`` returned, as a file descriptor, without following a link
+    that replaced it since (``O_NOFOLLOW``), and only if it is still a regular file."""
+    fd = os.open(real_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", real_path)
+    return fd
+
+
+def walk_product_files(download_dir: Path) -> Iterator[tuple[str, str]]:
+    """(sku, relative path) of every product file (``product_file_path``) under DOWNLOAD_DIR/<SKU>/;
+    hidden and half-written names are never products."""
     if not download_dir.is_dir():
         return
     for sku_dir in sorted(download_dir.iterdir()):
         if not sku_dir.is_dir() or sku_dir.is_symlink() or not SKU_PATTERN.fullmatch(sku_dir.name):
             continue
-        root = sku_dir.resolve()
         for dirpath, dirnames, filenames in os.walk(sku_dir):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 if name.startswith(".") or name.endswith((".part", ".tmp", ".crdownload")):
                     continue  # hidden and half-written files are never products
-                full = Path(dirpath) / name
-                if not full.is_file() or not full.resolve().is_relative_to(root):
-                    continue
-                yield sku_dir.name, full.relative_to(sku_dir).as_posix()
+                rel = (Path(dirpath) / name).relative_to(sku_dir).as_posix()
+                if product_file_path(download_dir, sku_dir.name, rel) is not None:
+                    yield sku_dir.name, rel
 
 
 def file_path(download_dir: str | Path, sku: str, path: str) -> Path:
@@ -187,7 +218,9 @@ def _hash_one(path: str) -> Digest | Exception:
 
 def _hash_all(download_dir: Path, todo: list[tuple[str, str, int]], total_bytes: int,
               workers: int | None) -> Iterator[Digest | Exception]:
-    paths = [str(file_path(download_dir, sku, rel)) for sku, rel, _ in todo]
+    # Real paths (hash_file does not follow links); one that stopped being a product file is refused.
+    paths = [product_file_path(download_dir, sku, rel) or str(file_path(download_dir, sku, rel))
+             for sku, rel, _ in todo]
     if len(paths) < 2 or total_bytes < PARALLEL_THRESHOLD:
         yield from map(_hash_one, paths)
         return
@@ -198,8 +231,8 @@ def _hash_all(download_dir: Path, todo: list[tuple[str, str, int]], total_bytes:
 def index_one(session: Session, download_dir: str | Path, sku: str, rel: str) -> FileEntry | None:
     """Re-index a single file (the watcher's unit of work); marks it missing when it is gone."""
     entry = session.scalar(select(FileEntry).where(FileEntry.sku == sku, FileEntry.path == rel))
-    full = file_path(download_dir, sku, rel)
-    if not full.is_file():
+    full = product_file_path(download_dir, sku, rel)
+    if full is None:  # gone, or not a product file (a link out of the folder): never indexed
         if entry is not None:
             entry.missing = True
         return entry

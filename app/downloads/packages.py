@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.accounts.models import User
 from app.downloads.errors import InvalidInput
-from app.downloads.index import index_one
+from app.downloads.index import index_one, open_product_file, product_file_path
 from app.downloads.models import PACKAGES_SKU, FileEntry, Package, PackageFile, PackageManager
 from app.store.models import SKU_PATTERN
 from app.timeutil import utcnow
@@ -160,6 +160,16 @@ def _stored(path: str) -> bool:
     return name.endswith(".tar.gz") or PurePosixPath(name).suffix in STORED_SUFFIXES
 
 
+def _packable(download_dir: str | Path, registered: str) -> Path:
+    """The real path of a package member, if it is still a product file (``product_file_path``):
+    a file swapped for a link out of its folder after it was indexed is never packed."""
+    sku, _, rel = registered.partition("/")
+    real = product_file_path(download_dir, sku, rel)
+    if real is None:
+        raise BuildFailed(f"{registered} is not a product file any more (gone, or a link out of its folder)")
+    return Path(real)
+
+
 def write_zip(target: Path, members: Sequence[tuple[str, Path]]) -> None:
     """Write members ``(name in archive, source)`` sorted by name into ``target`` atomically.
 
@@ -195,7 +205,8 @@ def _add_member(archive: zipfile.ZipFile, arcname: str, source: Path) -> None:
     info.create_system = 3  # unix, so external_attr carries the fixed permissions
     info.external_attr = ZIP_FILE_MODE
     info.compress_type = zipfile.ZIP_STORED if _stored(arcname) else zipfile.ZIP_DEFLATED
-    with open(source, "rb") as src:
+    # O_NOFOLLOW: a link put in the file's place after _packable checked it is refused, not followed.
+    with open(open_product_file(str(source)), "rb") as src:
         info.file_size = os.fstat(src.fileno()).st_size  # decides ZIP64 up front, deterministically
         with archive.open(info, "w") as dst:
             shutil.copyfileobj(src, dst, COPY_BUFFER)
@@ -216,7 +227,12 @@ def build_zip(session: Session, download_dir: str | Path, package: Package) -> B
         package.built_at, package.build_error = None, None
         session.flush()
         return BuildResult(True)
-    members = [(pf.file_path, Path(download_dir) / pf.file_path) for pf in package.files]
+    try:
+        members = [(pf.file_path, _packable(download_dir, pf.file_path)) for pf in package.files]
+    except BuildFailed as exc:
+        package.build_error = f"ZIP not rebuilt, the previous one is kept: {exc}"
+        session.flush()
+        return BuildResult(False, package.build_error)
     try:
         write_zip(target, members)
     except BuildFailed as exc:
