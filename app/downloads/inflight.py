@@ -54,7 +54,9 @@ def process_start(pid: int) -> str | None:
         return None
     # The command name (field 2) may hold spaces and parentheses: count fields after its last ")".
     fields = stat[stat.rindex(b")") + 2:].split()
-    return fields[19].decode() if len(fields) > 19 else None
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):  # a zombie sends nothing: its parent died unreaped
+        return None
+    return fields[19].decode()
 
 
 _me: tuple[int, str] | None = None

@@ -210,3 +210,32 @@ def test_many_part_ranges_are_one_cheap_answer_with_one_reservation_and_one_log_
         (d,) = db.session.scalars(select(Delivery)).all()
         assert d.open_ranges == "[]" and d.attempts == 3
         assert json.loads(d.coverage) == [[0, size]]
+
+
+def test_a_whole_file_request_of_a_sigkilled_sidecar_does_not_block_the_resume(app, sidecar):
+    """The in-flight request's worker is gone (SIGKILL): the restarted sidecar's resume from the middle
+    continues the same delivery at once (no 60 s wait, no second download), and completes it."""
+    import signal
+    import time
+
+    size = 8 * MiB
+    make_product(app, "BIG", {"big.iso": size})
+    first = sidecar()
+    link = path_of(grant_link(app, "BIG", max_downloads=1)) + "f/big.iso"
+    content = (Path(app.config["DOWNLOAD_DIR"]) / "BIG" / "big.iso").read_bytes()
+    stalled = _raw_get(first.port, link)  # reserved, never read: in flight when the sidecar dies
+    stalled.recv(1)
+    first.stop(signal.SIGKILL)
+    stalled.close()
+    second = sidecar()
+    began = time.monotonic()
+    status, _headers, body = _read_all(_raw_get(second.port, link, f"bytes={3 * MiB}-"))
+    assert (status, body == content[3 * MiB:]) == (206, True)
+    assert time.monotonic() - began < 10
+    status, _headers, body = _read_all(_raw_get(second.port, link, f"bytes=0-{3 * MiB - 1}"))
+    assert (status, body == content[:3 * MiB]) == (206, True)
+    with app.app_context():
+        grant = db.session.scalars(select(UserDownload).where(UserDownload.sku == "BIG")).one()
+        assert (grant.downloads_used, grant.downloads_held) == (1, 0)
+        counted = db.session.scalars(select(Delivery).where(Delivery.counted.is_(True))).all()
+        assert len(counted) == 1
