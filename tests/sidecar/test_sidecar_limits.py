@@ -239,3 +239,42 @@ def test_a_whole_file_request_of_a_sigkilled_sidecar_does_not_block_the_resume(a
         assert (grant.downloads_used, grant.downloads_held) == (1, 0)
         counted = db.session.scalars(select(Delivery).where(Delivery.counted.is_(True))).all()
         assert len(counted) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_heartbeat_keeps_a_moving_transfer_live_and_lets_a_stalled_one_age(app, sc, sidecar_app, fast):
+    """A long transfer refreshes its range's ``seen`` time only while its bytes move (inflight)."""
+    from app.downloads import serving
+
+    sidecar_app.config["SIDECAR_FAST_PATH"] = fast
+    make_product(app, "BIG", {"big.iso": 4 * MiB})
+    link = path_of(grant_link(app, "BIG", max_downloads=1))
+    response = sc.get(link + "f/big.iso", buffered=False)
+    chunks = iter(response.response)
+    next(chunks)
+
+    def seen() -> int:
+        with app.app_context():
+            (d,) = db.session.scalars(select(Delivery).execution_options(populate_existing=True)).all()
+            return json.loads(d.open_ranges)[0][7]
+
+    def age(seconds: int) -> int:
+        with app.app_context():
+            (d,) = db.session.scalars(select(Delivery)).all()
+            ranges = json.loads(d.open_ranges)
+            ranges[0][7] -= seconds
+            d.open_ranges = json.dumps(ranges)
+            db.session.commit()
+            return ranges[0][7]
+
+    aged = age(50)
+    next(chunks)                               # bytes moved since the transfer started
+    serving.heartbeat.beat()
+    assert seen() > aged + 40
+    aged = age(50)
+    serving.heartbeat.beat()                   # nothing moved since the last beat: no refresh
+    assert seen() == aged
+    response.close()
+    with app.app_context():
+        (d,) = db.session.scalars(select(Delivery)).all()
+        assert d.open_ranges == "[]"
