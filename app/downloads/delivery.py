@@ -2,10 +2,11 @@
 
 CONTRACT between the sidecar's serving code and these rules (see DESIGN.md "Delivery semantics"):
 
-    reservation = open_request(session, grant, entry, start=..., length=..., method=..., now=None)
+    reservation = open_request(session, grant, entry, start=..., length=..., method=..., now=None, parts=None)
         Called before the first byte of a file response (GET with body, full or ranged).
         Reserves ``length`` bytes against the grant's current delivery of this file (or starts a
-        new delivery). Raises DownloadsExhausted when a *new* delivery would pass this file's max_downloads,
+        new delivery). A multipart answer is ONE reservation: ``parts`` its [start, end) parts in
+        sending order, ``length`` their sum (ranges.py caps them at 16). Raises DownloadsExhausted when a *new* delivery would pass this file's max_downloads,
         LinkExpired when the link expired and no delivery that started before expiry is unfinished.
         The caller commits right away (so concurrent requests see the reservation).
 
@@ -63,10 +64,21 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
   the budget of a *finished* delivery, or of one with requests still in flight, starts a new one.
 * Reservation: ``charged_bytes`` grows by the request's length before the first byte; on close a
   complete request keeps its length, a broken-off one keeps only what it sent beyond
-  ``INFLIGHT_ALLOWANCE`` (socket buffers and read-ahead proxies lose that much). A request that
-  starts strictly inside the range of a request still in flight (a resume after a crash, or a
-  download manager opening another segment) marks that older one as broken off at this offset, so a
-  SIGKILLed sidecar's orphaned reservations do not eat the budget.
+  ``INFLIGHT_ALLOWANCE`` (socket buffers and read-ahead proxies lose that much). So the bytes one
+  delivery carries never pass its budget, whatever the concurrency and arrival order: a request that
+  does not fit starts a new delivery (a slot, or 403 before any byte).
+* A request in flight is presumed dead only on evidence (``app.downloads.inflight``): its worker
+  process is gone (each range records host, pid and the process's start time), or it showed no
+  progress for ``INFLIGHT_IDLE_SECONDS`` (60; the serving side's heartbeat refreshes a moving
+  transfer's range every 20 s). Never because a newer request overlaps it: issue 12's twelve
+  ``Range: bytes=k-`` requests, unread, were twelve copies under that old rule. The evidence is
+  looked at only when a request does not fit the budget (the common GET reads no /proc). A dead
+  request that the new one starts strictly inside broke off there at the latest (the client resumes
+  from what it got) and keeps only what it sent beyond the allowance, so a SIGKILLed sidecar's
+  orphaned reservation does not eat the budget and its resume costs no second download.
+* A multipart request (at most 16 parts after coalescing) makes one reservation of the sum of its
+  parts and one log row; settling records the coverage of each part as far as its bytes left (the
+  parts leave in order, so ``bytes_sent`` says which).
 * ``confirm`` upgrades the file version's best delivery to ``verified`` (counting it once if it was
   not yet); with no delivery at all (bytes that came another way) it records one, counted only if the
   limit allows. Known limit: deliberately incomplete range requests, repeated, can fetch more bytes
