@@ -30,7 +30,7 @@ from app.downloads.errors import DeliveryRefused, LinkNotFound
 from app.downloads.fast_store import EntryRow, GrantRow, NeedsFullPath, RawStore, runner_for
 from app.downloads.ranges import ByteRange, evaluate
 from app.downloads.receipts import key_matches, read_receipt
-from app.downloads.serving import TrackedFile, close_with_orm, entry_headers, single_part
+from app.downloads.serving import TrackedFile, close_with_orm, entry_headers, keep_alive, single_part
 from app.extensions import db
 from app.timeutil import utcnow
 from sidecar import metrics
@@ -113,6 +113,7 @@ class FastFiles:
         except OSError:  # gone since the check a moment ago: record nothing sent; the Flask view answers
             finish(0)
             return None
+        keep_alive(self.app, planned.reservation, tracked, tracked.tell, environ.get("gunicorn.socket"))
         start_response(STATUS_LINE[planned.status], list(planned.headers.items()))
         wrapper = environ.get("wsgi.file_wrapper")
         return wrapper(tracked) if wrapper else tracked.chunks()

@@ -2,10 +2,11 @@
 
 CONTRACT between the sidecar's serving code and these rules (see DESIGN.md "Delivery semantics"):
 
-    reservation = open_request(session, grant, entry, start=..., length=..., method=..., now=None)
+    reservation = open_request(session, grant, entry, start=..., length=..., method=..., now=None, parts=None)
         Called before the first byte of a file response (GET with body, full or ranged).
         Reserves ``length`` bytes against the grant's current delivery of this file (or starts a
-        new delivery). Raises DownloadsExhausted when a *new* delivery would pass this file's max_downloads,
+        new delivery). A multipart answer is ONE reservation: ``parts`` its [start, end) parts in
+        sending order, ``length`` their sum (ranges.py caps them at 16). Raises DownloadsExhausted when a *new* delivery would pass this file's max_downloads,
         LinkExpired when the link expired and no delivery that started before expiry is unfinished.
         The caller commits right away (so concurrent requests see the reservation).
 
@@ -63,10 +64,21 @@ HOW A DOWNLOAD IS COUNTED (the decisions, so nobody has to re-derive them)
   the budget of a *finished* delivery, or of one with requests still in flight, starts a new one.
 * Reservation: ``charged_bytes`` grows by the request's length before the first byte; on close a
   complete request keeps its length, a broken-off one keeps only what it sent beyond
-  ``INFLIGHT_ALLOWANCE`` (socket buffers and read-ahead proxies lose that much). A request that
-  starts strictly inside the range of a request still in flight (a resume after a crash, or a
-  download manager opening another segment) marks that older one as broken off at this offset, so a
-  SIGKILLed sidecar's orphaned reservations do not eat the budget.
+  ``INFLIGHT_ALLOWANCE`` (socket buffers and read-ahead proxies lose that much). So the bytes one
+  delivery carries never pass its budget, whatever the concurrency and arrival order: a request that
+  does not fit starts a new delivery (a slot, or 403 before any byte).
+* A request in flight is presumed dead only on evidence (``app.downloads.inflight``): its worker
+  process is gone (each range records host, pid and the process's start time), or it showed no
+  progress for ``INFLIGHT_IDLE_SECONDS`` (60; the serving side's heartbeat refreshes a moving
+  transfer's range every 20 s). Never because a newer request overlaps it: issue 12's twelve
+  ``Range: bytes=k-`` requests, unread, were twelve copies under that old rule. The evidence is
+  looked at only when a request does not fit the budget (the common GET reads no /proc). A dead
+  request that the new one starts strictly inside broke off there at the latest (the client resumes
+  from what it got) and keeps only what it sent beyond the allowance, so a SIGKILLed sidecar's
+  orphaned reservation does not eat the budget and its resume costs no second download.
+* A multipart request (at most 16 parts after coalescing) makes one reservation of the sum of its
+  parts and one log row; settling records the coverage of each part as far as its bytes left (the
+  parts leave in order, so ``bytes_sent`` says which).
 * ``confirm`` upgrades the file version's best delivery to ``verified`` (counting it once if it was
   not yet); with no delivery at all (bytes that came another way) it records one, counted only if the
   limit allows. Known limit: deliberately incomplete range requests, repeated, can fetch more bytes
@@ -99,6 +111,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
+from app.downloads import inflight
 from app.downloads.errors import DigestMismatch, DownloadsExhausted, FileUnavailable, InvalidInput, LinkExpired
 from app.downloads.evidence import add_interval, covered, maybe_ship, order_evidence, parse_intervals
 from app.downloads.models import Delivery, DownloadLog, FileEntry, UserDownload
@@ -106,16 +119,16 @@ from app.store.models import Order
 from app.timeutil import utcnow
 
 __all__ = ["Reservation", "open_request", "close_request", "log_request", "confirm", "grace_allows",
-           "release_stale_deliveries", "order_evidence", "maybe_ship"]
+           "release_stale_deliveries", "order_evidence", "maybe_ship", "record_progress"]
 
 SCANNER_BYTES = 64 * 1024  # what a link scanner or preview fetches; never worth a download
-ORPHAN_MAX_AGE = timedelta(hours=24)  # a request "in flight" this long belongs to a dead process
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 # A file request past its file's limit (the listing's 403 says "of this link": every file is used up).
 FILE_USED_UP = "All downloads of this file have been used."
 
 DEFAULTS = {"DELIVERY_BUDGET_FACTOR": 1.5, "INFLIGHT_ALLOWANCE": 16 * 1024 * 1024,
-            "EXPIRY_GRACE_SECONDS": 3600, "DELIVERY_STALE_SECONDS": 3600}
+            "EXPIRY_GRACE_SECONDS": 3600, "DELIVERY_STALE_SECONDS": 3600,
+            "INFLIGHT_IDLE_SECONDS": inflight.IDLE_SECONDS}
 
 
 def setting(name: str):
@@ -138,6 +151,23 @@ class Reservation:
     # The grant's files are "every file of this SKU" (a plain product, not a package or a class
     # entitlement): the closing side can then tell cheaply whether the grant still lacks evidence.
     product_sku: str | None = None
+    # A multipart answer: its parts [start, end) in the order they are sent (``start``/``length`` are
+    # then the first part's start and the sum of the parts: one reservation, one log row per request).
+    parts: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.parts[-1][1] if self.parts else self.start + self.length
+
+    def sent_intervals(self, bytes_sent: int) -> list[tuple[int, int]]:
+        """What ``bytes_sent`` bytes covered: parts leave one after the other, each from its start."""
+        out = []
+        for start, end in self.parts or ((self.start, self.start + self.length),):
+            take = min(bytes_sent, end - start)
+            if take > 0:
+                out.append((start, start + take))
+            bytes_sent -= take
+        return out
 
 
 # -- locks and slots -------------------------------------------------------------------------------
@@ -215,34 +245,41 @@ def _count(store, grant_id: int, delivery) -> None:
         delivery.counted = store.count_if_room(grant_id, delivery)
 
 
-# -- requests in flight (Delivery.open_ranges: [[token, start, end, charge, presumed_broken, opened], ...]) --
+# -- requests in flight (Delivery.open_ranges: see app.downloads.inflight) ------------------------
 
 def _ranges(delivery: Delivery) -> list[list]:
     return json.loads(delivery.open_ranges or "[]")
 
 
 def _live_in_flight(delivery: Delivery, now: datetime) -> bool:
-    """Requests that may still be sending (a dead process's never close: they expire after a day)."""
-    oldest = (now - ORPHAN_MAX_AGE).timestamp()
-    return any(not r[4] and r[5] > oldest for r in _ranges(delivery))
+    """Requests that may still be sending: none presumed dead on evidence (inflight.is_live)."""
+    idle = setting("INFLIGHT_IDLE_SECONDS")
+    return any(inflight.is_live(r, now, idle) for r in _ranges(delivery))
 
 
-def _presume_broken(delivery: Delivery, start: int, allowance: int) -> None:
-    """A request starting strictly inside a range still in flight: the older request broke off there."""
+def _drop_dead(delivery: Delivery, start: int, allowance: int, now: datetime) -> None:
+    """Requests in flight whose worker is gone or that sent nothing for INFLIGHT_IDLE_SECONDS are
+    presumed broken off. One that the new request starts strictly inside broke off there at the
+    latest (the client resumes from what it got), so it keeps only what it sent beyond the
+    allowance; any other keeps its charge. A live request is never touched, however it overlaps."""
+    idle = setting("INFLIGHT_IDLE_SECONDS")
     ranges = _ranges(delivery)
     for r in ranges:
-        token, r_start, r_end, charge, presumed, _opened = r
-        if not presumed and r_start < start < r_end:
-            kept = max(0, (start - r_start) - allowance)
-            delivery.charged_bytes -= charge - min(charge, kept)
-            r[2], r[3], r[4] = start, min(charge, kept), True
+        if r[4] or inflight.is_live(r, now, idle):
+            continue
+        r_start, r_end, charge = r[1], r[2], r[3]
+        if r_start < start < r_end:
+            kept = min(charge, max(0, (start - r_start) - allowance))
+            delivery.charged_bytes -= charge - kept
+            r[2], r[3] = start, kept
+        r[4] = True
     delivery.open_ranges = json.dumps(ranges)
 
 
 def _reserve(delivery: Delivery, reservation: Reservation, now: datetime) -> None:
     ranges = _ranges(delivery)
-    ranges.append([reservation.token, reservation.start, reservation.start + reservation.length,
-                   reservation.length, False, int(now.timestamp())])
+    ranges.append(inflight.new_range(reservation.token, reservation.start, reservation.end,
+                                     reservation.length, now))
     delivery.open_ranges = json.dumps(ranges)
     delivery.charged_bytes += reservation.length
     delivery.attempts += 1
@@ -399,9 +436,10 @@ def grace_allows(session: Session, grant: UserDownload, entry: FileEntry | None 
 
 
 def open_request(session: Session, grant: UserDownload, entry: FileEntry, *, start: int, length: int,
-                 method: str = "GET", now: datetime | None = None) -> Reservation:
+                 method: str = "GET", now: datetime | None = None,
+                 parts: tuple[tuple[int, int], ...] | None = None) -> Reservation:
     reservation = Reservation(grant.id, grant.order.po_number, entry.sku, entry.path, start, length, method=method,
-                              product_sku=_plain_product_sku(grant))
+                              product_sku=_plain_product_sku(grant), parts=parts)
     return reserve(OrmStore(session), grant, entry, reservation, now or utcnow())
 
 
@@ -409,8 +447,9 @@ def reserve(store, grant, entry, reservation: Reservation, now: datetime) -> Res
     """The rules of ``open_request`` on any store: ``grant`` needs id, status and expires_at, ``entry``
     sku, path, sha256 and size (ORM objects or the fast path's plain rows)."""
     start, length = reservation.start, reservation.length
-    if start < 0 or length < 0 or start + length > entry.size:
-        raise InvalidInput(f"bytes {start}+{length} are outside the file ({entry.size} bytes)", status=416)
+    for part_start, part_end in reservation.parts or ((start, start + length),):
+        if part_start < 0 or part_end < part_start or part_end > entry.size:
+            raise InvalidInput(f"bytes {part_start}-{part_end} are outside the file ({entry.size} bytes)", status=416)
     expired = grant.expires_at <= now
     store.lock_grant(grant.id)
     # Under the grant lock every writer of these rows waits (locks: grant -> delivery -> order), so a
@@ -421,7 +460,8 @@ def reserve(store, grant, entry, reservation: Reservation, now: datetime) -> Res
     if expired and not _grace_covers(grant, delivery, now):
         raise LinkExpired(grant.expires_at)
     if delivery is not None:
-        _presume_broken(delivery, start, setting("INFLIGHT_ALLOWANCE"))
+        if delivery.charged_bytes + length > delivery.budget_bytes:  # only evidence of a dead request frees budget
+            _drop_dead(delivery, start, setting("INFLIGHT_ALLOWANCE"), now)
         if delivery.charged_bytes + length <= delivery.budget_bytes:
             if _unfinished(delivery) and not delivery.holds_slot:  # gave its slot back while idle
                 if not (store.take_slot(grant.id, entry) or _reclaim_slot(store, grant.id, entry, now)):
@@ -487,7 +527,9 @@ def settle(store, reservation: Reservation, bytes_sent: int, *, status: int, out
         ranges.remove(mine)
         delivery.charged_bytes += kept - mine[3]
     delivery.open_ranges = json.dumps(ranges)
-    intervals = add_interval(parse_intervals(delivery.coverage), reservation.start, reservation.start + bytes_sent)
+    intervals = parse_intervals(delivery.coverage)
+    for part_start, part_end in reservation.sent_intervals(bytes_sent):
+        intervals = add_interval(intervals, part_start, part_end)
     delivery.coverage = json.dumps(intervals)
     delivery.covered_bytes = covered(intervals)
     whole = delivery.covered_bytes >= delivery.size and (delivery.size > 0 or complete)
@@ -515,6 +557,17 @@ def settle(store, reservation: Reservation, bytes_sent: int, *, status: int, out
             reservation.product_sku is not None
             and store.grant_lacks_evidence(reservation.grant_id, reservation.product_sku)):
         store.ship_if_complete(order_id, now)
+
+
+def record_progress(session: Session, reservation: Reservation, now: datetime | None = None) -> None:
+    """A long transfer is still moving bytes (inflight.Heartbeat): its range is not idle."""
+    if reservation.delivery_id is None:
+        return
+    _lock_grant(session, reservation.grant_id)
+    found = session.get(Delivery, reservation.delivery_id, populate_existing=True)
+    ranges = _ranges(found) if found is not None else []
+    if inflight.touch(ranges, reservation.token, now or utcnow()):
+        found.open_ranges = json.dumps(ranges)
 
 
 def _plain_product_sku(grant: UserDownload) -> str | None:

@@ -137,7 +137,7 @@ class Delivery(db.Model):
     # is open or counted; "closed" takes no new requests (budget spent or superseded).
     holds_slot: Mapped[bool] = mapped_column(default=False)
     closed: Mapped[bool] = mapped_column(default=False)
-    open_ranges: Mapped[str] = mapped_column(Text, default="[]")  # JSON [[token, start, reserved], ...] in flight
+    open_ranges: Mapped[str] = mapped_column(Text, default="[]")  # JSON ranges in flight (app.downloads.inflight)
     last_activity_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -7,7 +7,11 @@ sidecar serves the bytes (pipe) or nginx does (symlink, accel), so we follow ngi
 ``ngx_http_range_parse`` step by step. Dates and entity tags use werkzeug's helpers.
 
 Known, documented divergences from nginx: none in status, Content-Range or body for single ranges
-and errors; multipart bodies use our own boundary (nginx's is a per-process counter).
+and errors; multipart bodies use our own boundary (nginx's is a per-process counter). Where nginx
+answers any number of parts as asked, we keep hostile headers cheap (issue 12, RFC 9110 §14.3 and
+§15.3.7.2 allow both): overlapping and adjacent parts are coalesced first (so ``bytes=0-4999,5000-``
+is one 206 part, not two), the parts keep the order of their first range-spec, and more than
+``MAX_PARTS`` parts after that answer the whole file with 200, as Apache does for excessive ranges.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from datetime import datetime
 from werkzeug.http import parse_date
 
 MAX_OFF_T = (1 << 63) - 1
+MAX_PARTS = 16  # parts honoured per request after coalescing; more: the whole file with 200
 
 
 class Unsatisfiable(Exception):
@@ -115,7 +120,27 @@ def parse_ranges(header: str, size: int) -> list[ByteRange] | None:
         raise Unsatisfiable()
     if total > size:
         return None  # overlapping parts that add up to more than the file: send it whole
-    return ranges
+    ranges = coalesce(ranges)
+    return ranges if len(ranges) <= MAX_PARTS else None
+
+
+def coalesce(ranges: list[ByteRange]) -> list[ByteRange]:
+    """Merge overlapping and adjacent parts (RFC 9110 §15.3.7.2); the merged parts keep the order in
+    which their first range-spec was asked for. O(n log n) for n parts."""
+    if len(ranges) < 2:
+        return ranges
+    by_start = sorted(range(len(ranges)), key=lambda i: ranges[i].start)
+    groups: list[list[int]] = []  # [start, end, first index asked]
+    for i in by_start:
+        part = ranges[i]
+        if groups and part.start <= groups[-1][1]:
+            group = groups[-1]
+            group[1], group[2] = max(group[1], part.end), min(group[2], i)
+        else:
+            groups.append([part.start, part.end, i])
+    if len(groups) == len(ranges):
+        return ranges
+    return [ByteRange(start, end) for start, end, _first in sorted(groups, key=lambda g: g[2])]
 
 
 def _etag_listed(header: str, etag: str, weak: bool) -> bool:

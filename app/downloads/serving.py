@@ -6,6 +6,7 @@ the bytes with sendfile), ``symlink`` (a random folder of links per grant, serve
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import os
 import secrets
@@ -19,7 +20,7 @@ from werkzeug.http import http_date
 # Flask's own Response: Flask re-runs any other response type as a WSGI app, hiding the file wrapper
 from flask import Flask, Response, current_app
 
-from app.downloads import delivery
+from app.downloads import delivery, inflight
 from app.downloads.access import clear_unreadable, flag_unreadable, unreadable_reason
 from app.downloads.errors import DeliveryRefused, FileUnreadable
 from app.downloads.models import FileEntry, UserDownload
@@ -158,8 +159,40 @@ class TrackedFile:
         if self._closed:
             return
         self._closed = True
+        heartbeat.remove(self)
         self._fh.close()
         self._on_close(self.bytes_sent)
+
+
+def _record_progress(moved: list[tuple[Flask, delivery.Reservation]]) -> None:
+    """The heartbeat's write: every transfer that moved since the last beat, in one transaction per app."""
+    apps = {id(app): app for app, _reservation in moved}
+    for app in apps.values():
+        with app.app_context():
+            try:
+                for owner, reservation in moved:
+                    if owner is app:
+                        delivery.record_progress(db.session, reservation)
+                db.session.commit()
+            finally:
+                db.session.rollback()
+
+
+heartbeat = inflight.Heartbeat(_record_progress)
+
+
+def keep_alive(app: Flask, reservation: delivery.Reservation, key, position: Callable[[], int], sock=None) -> None:
+    """Keep the reservation's range from looking idle while its bytes move (inflight.Heartbeat).
+    Progress: the read position, and on a TCP socket the bytes the peer acknowledged (one
+    ``sendfile`` call moves no position); on another socket (unix) an open transfer counts as moving."""
+    ticks = itertools.count()
+
+    def progress():
+        if sock is None:
+            return position()
+        acked = inflight.bytes_acked(sock)
+        return position(), next(ticks) if acked is None else acked
+    heartbeat.add(key, progress, (app, reservation))
 
 
 def close_with_orm(app: Flask, reservation: delivery.Reservation, sent: int, **record) -> None:
@@ -196,6 +229,33 @@ def single_part(plan: Plan, size: int, headers: dict[str, str]) -> ByteRange:
     return part
 
 
+def _reserve(req: FileRequest, fh, **request) -> delivery.Reservation:
+    """Reserve the request's bytes, committed before the first byte (concurrent requests must see it).
+    A refusal (e.g. the limit is used up) is logged and raised with nothing sent."""
+    try:
+        reservation = delivery.open_request(db.session, req.grant, req.entry, method=req.method, **request)
+        db.session.commit()
+        return reservation
+    except DeliveryRefused as refusal:
+        fh.close()
+        db.session.rollback()
+        _log_only(req, refusal.status, "refused")
+        raise
+    except BaseException:
+        fh.close()
+        db.session.rollback()
+        raise
+
+
+class _Sent:
+    """The bytes a multipart body has sent so far (its heartbeat's progress)."""
+
+    __slots__ = ("bytes", "__weakref__")
+
+    def __init__(self):
+        self.bytes = 0
+
+
 class PipeDelivery:
     """The sidecar sends the bytes itself: full and single-range bodies by sendfile (zero-copy)."""
 
@@ -224,22 +284,11 @@ class PipeDelivery:
         from sidecar.metrics import transfer_started
 
         fh = open_product_file(req)
-        try:
-            reservation = delivery.open_request(db.session, req.grant, req.entry, start=part.start,
-                                                length=part.length, method=req.method)
-            db.session.commit()  # concurrent requests must see this reservation
-        except DeliveryRefused as refusal:  # e.g. the limit is used up: logged, nothing sent
-            fh.close()
-            db.session.rollback()
-            _log_only(req, refusal.status, "refused")
-            raise
-        except BaseException:
-            fh.close()
-            db.session.rollback()
-            raise
+        reservation = _reserve(req, fh, start=part.start, length=part.length)
         transfer_started()
-        tracked = TrackedFile(fh, part.start, part.length,
-                              _finisher(current_app._get_current_object(), reservation, req, status, part.length))
+        app = current_app._get_current_object()
+        tracked = TrackedFile(fh, part.start, part.length, _finisher(app, reservation, req, status, part.length))
+        keep_alive(app, reservation, tracked, tracked.tell, req.environ.get("gunicorn.socket"))
         wrapper = req.environ.get("wsgi.file_wrapper")
         body = wrapper(tracked) if wrapper else tracked.chunks()
         response = Response(body, status=status, headers=headers, direct_passthrough=True)
@@ -248,7 +297,8 @@ class PipeDelivery:
 
     def _multipart(self, req: FileRequest, plan: Plan, headers: dict) -> Response:
         """nginx's multipart/byteranges layout (a Python loop, as in nginx; no downloader asks for it).
-        Each part is reserved and recorded like a single-range request, so no byte goes uncharged."""
+        ONE reservation for the sum of the parts and one log row (the parts are at most
+        ranges.MAX_PARTS, coalesced): settling records the coverage of each part that left."""
         from sidecar.metrics import transfer_started
 
         entry = req.entry
@@ -256,44 +306,36 @@ class PipeDelivery:
         heads = [(f"\r\n--{boundary}\r\nContent-Type: {entry.media_type}\r\nContent-Range: bytes "
                   f"{r.start}-{r.end - 1}/{entry.size}\r\n\r\n").encode() for r in plan.ranges]
         tail = f"\r\n--{boundary}--\r\n".encode()
-        total = sum(len(h) for h in heads) + sum(r.length for r in plan.ranges) + len(tail)
+        length = sum(r.length for r in plan.ranges)
+        total = sum(len(h) for h in heads) + length + len(tail)
         out = {k: v for k, v in headers.items() if k != "Content-Type"}
         out["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
         out["Content-Length"] = str(total)
         if req.method == "HEAD":
             _log_only(req, 206, "head")
             return Response(status=206, headers=out)
-        open_product_file(req).close()  # refuse an unreadable file before reserving or sending anything
+        fh = open_product_file(req)  # refuse an unreadable file before reserving or sending anything
+        reservation = _reserve(req, fh, start=plan.ranges[0].start, length=length,
+                               parts=tuple((r.start, r.end) for r in plan.ranges))
         app = current_app._get_current_object()
-        parts = []
-        for r in plan.ranges:
-            reservation = delivery.open_request(db.session, req.grant, entry, start=r.start, length=r.length,
-                                                method=req.method)
-            parts.append((r, _finisher(app, reservation, req, 206, r.length)))
-        db.session.commit()
-        path = req.full_path
+        finish = _finisher(app, reservation, req, 206, length)
+        transfer_started()
+        sent = _Sent()
+        keep_alive(app, reservation, sent, lambda: sent.bytes)
 
         def body() -> Iterator[bytes]:
-            pending = list(parts)
-            with open(path, "rb") as fh:
-                try:
-                    for head, (r, finish) in zip(heads, parts):
-                        yield head
-                        transfer_started()
-                        tracked = TrackedFile(fh, r.start, r.length, lambda _sent: None)
-                        sent = 0
-                        try:
-                            while data := tracked.read(BLOCK):
-                                yield data
-                                sent += len(data)
-                        finally:
-                            pending.remove((r, finish))
-                            finish(sent)
-                    yield tail
-                finally:
-                    for _r, finish in pending:
-                        transfer_started()
-                        finish(0)
+            try:
+                for head, r in zip(heads, plan.ranges):
+                    yield head
+                    tracked = TrackedFile(fh, r.start, r.length, lambda _sent: None)
+                    while data := tracked.read(BLOCK):
+                        yield data
+                        sent.bytes += len(data)
+                yield tail
+            finally:
+                heartbeat.remove(sent)
+                fh.close()
+                finish(sent.bytes)
 
         return Response(body(), status=206, headers=out, direct_passthrough=True)
 

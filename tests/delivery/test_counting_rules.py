@@ -1,6 +1,9 @@
 """The counting rules of DESIGN.md "Delivery semantics", played against the database (SQLite and PostgreSQL)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from datetime import timedelta
 
@@ -8,6 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.downloads import delivery as rules
+from app.downloads import inflight
 from app.downloads.errors import DigestMismatch, DownloadsExhausted, FileUnavailable, InvalidInput, LinkExpired
 from app.downloads.index import index_files
 from app.downloads.models import Delivery, DownloadLog
@@ -131,15 +135,87 @@ def test_broken_off_requests_are_charged_only_beyond_the_inflight_allowance(app)
         assert d.charged_bytes == 16 * KB
 
 
+def exited_process() -> str:
+    """The owner name of a process that has ended (what a SIGKILLed sidecar worker leaves behind)."""
+    stat = subprocess.run([sys.executable, "-c", "import os; print(os.getpid(), open('/proc/self/stat').read())"],
+                          capture_output=True, text=True, check=True).stdout
+    pid, rest = stat.split(" ", 1)
+    return f"{inflight.HOST}/{pid}/{rest[rest.rindex(')') + 2:].split()[19]}"
+
+
+def served_by(shop, owner: str) -> None:
+    """Make every range in flight look served by ``owner``."""
+    for d in shop.deliveries():
+        d.open_ranges = json.dumps([r[:6] + [owner, r[7]] for r in json.loads(d.open_ranges)])
+    db.session.commit()
+
+
 def test_an_orphaned_reservation_of_a_killed_sidecar_does_not_eat_the_budget(app):
     shop = open_shop(app, {"a.bin": 300 * KB}, max_downloads=1)
     with app.app_context():
         shop.open("a.bin")                                 # the sidecar died: this never closes
+        served_by(shop, exited_process())
         shop.get("a.bin", 120 * KB)                        # the client resumes where it got to
         (d,) = shop.deliveries()
         assert d.evidence is None                          # bytes before 120 KiB were never seen leaving
         assert shop.confirm("a.bin") == "verified"
         assert (shop.used(), shop.held(), shop.order().evidence) == (1, 0, "verified")
+
+
+def test_a_live_request_keeps_its_charge_however_a_newer_one_overlaps_it(app):
+    """Issue 12: a newer request starting inside an older one is no evidence that the older ended."""
+    shop = open_shop(app, {"a.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        first = shop.open("a.bin")                         # still sending (this process serves it)
+        for k in range(1, 12):
+            with pytest.raises(DownloadsExhausted):
+                shop.open("a.bin", k)                      # does not fit: a new delivery, and no slot left
+        (d,) = shop.deliveries()
+        assert d.charged_bytes == 300 * KB and len(json.loads(d.open_ranges)) == 1
+        shop.open("a.bin", 200 * KB)                       # what still fits the budget (450 KiB) joins it
+        shop.close(first)
+        assert (shop.used(), shop.held()) == (1, 0)
+
+
+def test_a_reused_pid_is_not_the_worker_that_reserved(app):
+    import os
+    shop = open_shop(app, {"a.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        shop.open("a.bin")
+        served_by(shop, f"{inflight.HOST}/{os.getpid()}/1")  # our pid, another process's start time
+        shop.get("a.bin", 120 * KB)
+        assert [d.charged_bytes for d in shop.deliveries()] == [180 * KB]
+
+
+def test_a_request_that_sent_nothing_for_the_idle_bound_is_presumed_dead_unless_it_shows_progress(app):
+    shop = open_shop(app, {"a.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        start = utcnow()
+        first = shop.open("a.bin", now=start)              # the process lives, its client went silent
+        with pytest.raises(DownloadsExhausted):
+            shop.open("a.bin", 120 * KB, now=start + timedelta(seconds=59))
+        rules.record_progress(db.session, first, start + timedelta(seconds=30))  # the heartbeat: bytes moved
+        db.session.commit()
+        with pytest.raises(DownloadsExhausted):
+            shop.open("a.bin", 120 * KB, now=start + timedelta(seconds=61))
+        shop.get("a.bin", 120 * KB, now=start + timedelta(seconds=91))
+        (d,) = shop.deliveries()
+        assert d.charged_bytes == 180 * KB and (shop.used(), shop.held()) == (0, 1)
+
+
+def test_a_multipart_request_is_one_reservation_and_one_log_row_with_the_coverage_of_each_part(app):
+    shop = open_shop(app, {"a.bin": 300 * KB}, max_downloads=1)
+    with app.app_context():
+        entry = shop.entry("a.bin")
+        parts = ((0, 10 * KB), (100 * KB, 150 * KB), (200 * KB, 300 * KB))
+        reservation = rules.open_request(db.session, shop.grant(), entry, start=0, length=160 * KB, parts=parts)
+        db.session.commit()
+        (d,) = shop.deliveries()
+        assert d.charged_bytes == 160 * KB and [r[1:4] for r in json.loads(d.open_ranges)] == [[0, 300 * KB, 160 * KB]]
+        shop.close(reservation, sent=30 * KB)              # the first part and 20 KiB of the second left
+        (d,) = shop.deliveries()
+        assert json.loads(d.coverage) == [[0, 10 * KB], [100 * KB, 120 * KB]] and d.covered_bytes == 30 * KB
+        assert db.session.scalar(select(func.count(DownloadLog.id))) == 1
 
 
 def test_confirm_upgrades_transferred_without_counting_twice(app):

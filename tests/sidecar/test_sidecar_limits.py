@@ -3,14 +3,16 @@ and an indexed file that cannot be read answers 503, is logged and flagged, neve
 Test client of the sidecar app, on both backends."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from app.downloads.models import DownloadLog, FileEntry, UserDownload
+from app.downloads.models import Delivery, DownloadLog, FileEntry, UserDownload
 from app.extensions import db
 from tests.helpers import grant_link, make_product
 from tests.servers import path_of
@@ -123,3 +125,156 @@ def test_an_unreadable_product_file_answers_503_is_logged_and_flagged(app, sc, s
         assert sc.get(link + "f/ch1/intro.pdf").status_code == 200
         with app.app_context():
             assert db.session.scalar(select(FileEntry.flagged).where(FileEntry.path == "ch1/intro.pdf")) is None
+
+
+MiB = 1 << 20
+
+
+def _raw_get(port: int, path: str, range_header: str | None = None) -> "socket.socket":
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+    if range_header:
+        head += f"Range: {range_header}\r\n"
+    sock.sendall((head + "\r\n").encode())
+    return sock
+
+
+def _read_all(sock) -> tuple[int, dict[str, str], bytes]:
+    chunks = []
+    while data := sock.recv(1 << 20):
+        chunks.append(data)
+    sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_twelve_overlapping_unread_ranges_carry_no_more_than_one_delivery_budget(app, sidecar, tmp_path):
+    """Issue 12 item 1, the attack as it was made: max_downloads=1, an 8 MiB file, twelve sockets send
+    ``Range: bytes=k-`` (k = 0..11) a moment apart and read nothing until all are sent. Intact bytes
+    received stay within one delivery's budget; the rest are refused with 403 before any byte."""
+    import time
+
+    size = 8 * MiB
+    make_product(app, "BIG", {"big.iso": size})
+    server = sidecar()
+    link = path_of(grant_link(app, "BIG", max_downloads=1))
+    content = (Path(app.config["DOWNLOAD_DIR"]) / "BIG" / "big.iso").read_bytes()
+    sockets = []
+    for k in range(12):
+        sockets.append(_raw_get(server.port, link + "f/big.iso", f"bytes={k}-"))
+        time.sleep(0.05)
+    answers = [_read_all(sock) for sock in sockets]
+    served = [(k, body) for k, (status, _h, body) in enumerate(answers) if status == 206]
+    assert all(content[k:k + len(body)] == body for k, body in served)
+    intact = sum(len(body) for k, body in served)
+    assert intact <= size * 1.5, [(k, len(b)) for k, b in served]
+    assert [status for status, _h, _b in answers].count(403) == 12 - len(served)
+    with app.app_context():
+        grant = db.session.scalars(select(UserDownload).where(UserDownload.sku == "BIG")).one()
+        assert (grant.downloads_used, grant.downloads_held) == (1, 0)
+        deliveries = db.session.scalars(select(Delivery).where(Delivery.grant_id == grant.id)).all()
+        assert len(deliveries) == 1 and deliveries[0].charged_bytes <= deliveries[0].budget_bytes
+        assert db.session.scalar(select(func.count(DownloadLog.id)).where(DownloadLog.status == 403)) \
+            == 12 - len(served)
+
+
+def test_many_part_ranges_are_one_cheap_answer_with_one_reservation_and_one_log_row(app, sidecar):
+    """Issue 12 item 2: 2,000 parts in 8 KB of header are coalesced (one 206 part), fast; 17 parts
+    after coalescing answer the whole file with 200; 32 range-specs that coalesce to 16 parts are one
+    multipart answer. Each request is one reservation and one download_log row."""
+    import time
+
+    size = 64 * 1024
+    make_product(app, "PARTS", {"p.bin": size})
+    server = sidecar()
+    link = path_of(grant_link(app, "PARTS", max_downloads=None)) + "f/p.bin"
+    content = (Path(app.config["DOWNLOAD_DIR"]) / "PARTS" / "p.bin").read_bytes()
+    began = time.monotonic()
+    status, headers, body = _read_all(_raw_get(server.port, link, "bytes=" + ",".join(["0-1"] * 2000)))
+    assert time.monotonic() - began < 2
+    assert (status, headers["content-range"], body) == (206, f"bytes 0-1/{size}", content[:2])
+    seventeen = "bytes=" + ",".join(f"{i * 100}-{i * 100 + 9}" for i in range(17))
+    assert _read_all(_raw_get(server.port, link, seventeen))[::2] == (200, content)
+    sixteen = "bytes=" + ",".join(f"{i * 100}-{i * 100 + 9},{i * 100 + 10}-{i * 100 + 19}" for i in range(16))
+    status, headers, body = _read_all(_raw_get(server.port, link, sixteen))
+    assert status == 206 and headers["content-type"].startswith("multipart/byteranges")
+    assert [int(m) for m in re.findall(rb"Content-Range: bytes (\d+)-", body)] == [i * 100 for i in range(16)]
+    with app.app_context():
+        rows = db.session.scalars(select(DownloadLog).order_by(DownloadLog.id)).all()
+        assert [(r.status, r.bytes_sent) for r in rows if r.method == "GET" and r.bytes_sent] \
+            == [(206, 2), (200, size), (206, 16 * 20)]
+        (d,) = db.session.scalars(select(Delivery)).all()
+        assert d.open_ranges == "[]" and d.attempts == 3
+        assert json.loads(d.coverage) == [[0, size]]
+
+
+def test_a_whole_file_request_of_a_sigkilled_sidecar_does_not_block_the_resume(app, sidecar):
+    """The in-flight request's worker is gone (SIGKILL): the restarted sidecar's resume from the middle
+    continues the same delivery at once (no 60 s wait, no second download), and completes it."""
+    import signal
+    import time
+
+    size = 8 * MiB
+    make_product(app, "BIG", {"big.iso": size})
+    first = sidecar()
+    link = path_of(grant_link(app, "BIG", max_downloads=1)) + "f/big.iso"
+    content = (Path(app.config["DOWNLOAD_DIR"]) / "BIG" / "big.iso").read_bytes()
+    stalled = _raw_get(first.port, link)  # reserved, never read: in flight when the sidecar dies
+    stalled.recv(1)
+    first.stop(signal.SIGKILL)
+    stalled.close()
+    second = sidecar()
+    began = time.monotonic()
+    status, _headers, body = _read_all(_raw_get(second.port, link, f"bytes={3 * MiB}-"))
+    assert (status, body == content[3 * MiB:]) == (206, True)
+    assert time.monotonic() - began < 10
+    status, _headers, body = _read_all(_raw_get(second.port, link, f"bytes=0-{3 * MiB - 1}"))
+    assert (status, body == content[:3 * MiB]) == (206, True)
+    with app.app_context():
+        grant = db.session.scalars(select(UserDownload).where(UserDownload.sku == "BIG")).one()
+        assert (grant.downloads_used, grant.downloads_held) == (1, 0)
+        counted = db.session.scalars(select(Delivery).where(Delivery.counted.is_(True))).all()
+        assert len(counted) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_heartbeat_keeps_a_moving_transfer_live_and_lets_a_stalled_one_age(app, sc, sidecar_app, fast):
+    """A long transfer refreshes its range's ``seen`` time only while its bytes move (inflight)."""
+    from app.downloads import serving
+
+    sidecar_app.config["SIDECAR_FAST_PATH"] = fast
+    make_product(app, "BIG", {"big.iso": 4 * MiB})
+    link = path_of(grant_link(app, "BIG", max_downloads=1))
+    response = sc.get(link + "f/big.iso", buffered=False)
+    chunks = iter(response.response)
+    next(chunks)
+
+    def seen() -> int:
+        with app.app_context():
+            (d,) = db.session.scalars(select(Delivery).execution_options(populate_existing=True)).all()
+            return json.loads(d.open_ranges)[0][7]
+
+    def age(seconds: int) -> int:
+        with app.app_context():
+            (d,) = db.session.scalars(select(Delivery)).all()
+            ranges = json.loads(d.open_ranges)
+            ranges[0][7] -= seconds
+            d.open_ranges = json.dumps(ranges)
+            db.session.commit()
+            return ranges[0][7]
+
+    aged = age(50)
+    next(chunks)                               # bytes moved since the transfer started
+    serving.heartbeat.beat()
+    assert seen() > aged + 40
+    aged = age(50)
+    serving.heartbeat.beat()                   # nothing moved since the last beat: no refresh
+    assert seen() == aged
+    response.close()
+    with app.app_context():
+        (d,) = db.session.scalars(select(Delivery)).all()
+        assert d.open_ranges == "[]"
