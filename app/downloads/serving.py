@@ -51,6 +51,31 @@ class DeliveryMode(Protocol):
     def deliver(self, req: FileRequest) -> Response: ...
 
 
+class TransferCounters(Protocol):
+    """Live counters of the host that sends the bytes (the sidecar hands in ``sidecar.metrics``)."""
+
+    def transfer_started(self) -> None: ...
+    def transfer_finished(self, sent: int) -> None: ...
+
+
+class NoCounters:
+    """The store and the test client count nothing."""
+
+    def transfer_started(self) -> None:
+        pass
+
+    def transfer_finished(self, sent: int) -> None:
+        pass
+
+
+COUNTERS_EXTENSION = "softgoods_transfer_counters"
+
+
+def transfer_counters(app: Flask) -> TransferCounters:
+    """The counters the app's host registered in ``app.extensions`` (the rules never import the sidecar)."""
+    return app.extensions.get(COUNTERS_EXTENSION) or NoCounters()
+
+
 def etag_for(entry: FileEntry) -> str:
     """Strong validator from the content itself: same bytes, same tag, on every sidecar host."""
     return f'"{entry.sha256[:40]}"'
@@ -176,8 +201,7 @@ def close_with_orm(app: Flask, reservation: delivery.Reservation, sent: int, **r
 
 def _finisher(app: Flask, reservation: delivery.Reservation, req: FileRequest, status: int,
               length: int) -> Callable[[int], None]:
-    from sidecar.metrics import transfer_finished
-
+    transfer_finished = transfer_counters(app).transfer_finished
     range_header = req.headers.get("Range")
 
     def finish(sent: int) -> None:
@@ -221,8 +245,6 @@ class PipeDelivery:
         return self._send(req, plan.status, part, headers)
 
     def _send(self, req: FileRequest, status: int, part: ByteRange, headers: dict) -> Response:
-        from sidecar.metrics import transfer_started
-
         fh = open_product_file(req)
         try:
             reservation = delivery.open_request(db.session, req.grant, req.entry, start=part.start,
@@ -237,9 +259,9 @@ class PipeDelivery:
             fh.close()
             db.session.rollback()
             raise
-        transfer_started()
-        tracked = TrackedFile(fh, part.start, part.length,
-                              _finisher(current_app._get_current_object(), reservation, req, status, part.length))
+        app = current_app._get_current_object()
+        transfer_counters(app).transfer_started()
+        tracked = TrackedFile(fh, part.start, part.length, _finisher(app, reservation, req, status, part.length))
         wrapper = req.environ.get("wsgi.file_wrapper")
         body = wrapper(tracked) if wrapper else tracked.chunks()
         response = Response(body, status=status, headers=headers, direct_passthrough=True)
@@ -249,8 +271,6 @@ class PipeDelivery:
     def _multipart(self, req: FileRequest, plan: Plan, headers: dict) -> Response:
         """nginx's multipart/byteranges layout (a Python loop, as in nginx; no downloader asks for it).
         Each part is reserved and recorded like a single-range request, so no byte goes uncharged."""
-        from sidecar.metrics import transfer_started
-
         entry = req.entry
         boundary = f"{secrets.randbits(63):020d}"
         heads = [(f"\r\n--{boundary}\r\nContent-Type: {entry.media_type}\r\nContent-Range: bytes "
@@ -265,6 +285,7 @@ class PipeDelivery:
             return Response(status=206, headers=out)
         open_product_file(req).close()  # refuse an unreadable file before reserving or sending anything
         app = current_app._get_current_object()
+        transfer_started = transfer_counters(app).transfer_started
         parts = []
         for r in plan.ranges:
             reservation = delivery.open_request(db.session, req.grant, entry, start=r.start, length=r.length,
