@@ -50,14 +50,15 @@ def make_big_file(path: Path, size: int, written: bool = True) -> None:
 
 
 def setup(root: Path, small_files: int, database_url: str | None = None, written: bool = True,
-          slow_clients: int = 0) -> tuple[dict[str, str], dict[str, str]]:
+          slow_clients: int = 0, huge: bool = True) -> tuple[dict[str, str], dict[str, str]]:
     """An instance with BIG (1 GiB), HUGE (4 GiB), SMALL (4 KiB files) and unlimited links: one per
     slow client (1,000 shoppers, not one link downloaded 1,000 times) and 50 for the small files."""
     env = {"SOFTGOODS_INSTANCE_DIR": str(root / "instance"), "DATABASE_URL": database_url or f"sqlite:///{root / 'db.sqlite'}",
            "SOFTGOODS_SECRET_KEY": "bench-" + os.urandom(8).hex(), "SOFTGOODS_DOWNLOAD_DIR": str(root / "dl"),
            "SOFTGOODS_SYMLINK_DIR": str(root / "links")}
     make_big_file(root / "dl" / "BIG" / "big.bin", GIB, written)
-    make_big_file(root / "dl" / "HUGE" / "huge.bin", 4 * GIB, written)
+    if huge:  # only the time-to-first-byte probes use it
+        make_big_file(root / "dl" / "HUGE" / "huge.bin", 4 * GIB, written)
     for i in range(small_files):
         p = root / "dl" / "SMALL" / f"f{i:03d}.bin"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +79,9 @@ def setup(root: Path, small_files: int, database_url: str | None = None, written
         flask_migrate.upgrade(directory=MIGRATIONS_DIR)
         t0 = time.monotonic()
         index_files(db.session, env["SOFTGOODS_DOWNLOAD_DIR"])
-        print(f"index: {5 * GIB + small_files * 4096:,} bytes hashed in {time.monotonic() - t0:.1f} s",
+        print(f"index: {(5 if huge else 1) * GIB + small_files * 4096:,} bytes hashed in {time.monotonic() - t0:.1f} s",
               flush=True)
-        for sku in ("BIG", "HUGE", "SMALL"):
+        for sku in ("BIG", "HUGE", "SMALL") if huge else ("BIG", "SMALL"):
             product = add_product(db.session, sku=sku, name=sku, price="1", max_downloads=None)
             # many shoppers of the small files: each link sees a few requests, as in a real shop
             for i in range({"SMALL": SMALL_GRANTS, "BIG": slow_clients + 1, "HUGE": TTFB_PROBES + 1}[sku]):
@@ -155,7 +156,7 @@ def main() -> int:
     servers: list[ServerProcess] = []
     try:
         env, links = setup(root, small_files=100, database_url=args.database_url, written=not args.fallocate,
-                           slow_clients=args.slow_clients if "slow" in only else 0)
+                           slow_clients=args.slow_clients if "slow" in only else 0, huge="ttfb" in only)
         extra = dict(item.split("=", 1) for item in args.sidecar_env)
         sidecar = start_gunicorn("sidecar.wsgi:app", {**env, **extra}, root / "sidecar.log")
         servers.append(sidecar)

@@ -9,6 +9,7 @@ import base64
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -147,6 +148,7 @@ class TrackedFile:
         self._fh, self.start, self.length, self._on_close = fh, start, length, on_close
         self.position = start
         self._closed = False
+        self._corked = None
         fh.seek(start)
 
     def fileno(self) -> int:
@@ -179,12 +181,40 @@ class TrackedFile:
     def bytes_sent(self) -> int:
         return min(max(0, self.position - self.start), self.length)
 
+    def cork(self, sock) -> None:
+        """Hold partial TCP segments back until ``close`` (nginx's ``tcp_nopush``): the headers leave
+        in the first full segment with the body, and sendfile's bytes only in full segments."""
+        if _set_cork(sock, True):
+            self._corked = sock
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._corked is not None:  # the last partial segment leaves now, not 200 ms later
+            _set_cork(self._corked, False)
         self._fh.close()
         self._on_close(self.bytes_sent)
+
+
+def _set_cork(sock, on: bool) -> bool:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+    except (AttributeError, OSError):  # not TCP (a UNIX socket, a test double) or not Linux: send as is
+        return False
+    return True
+
+
+def file_body(environ: dict, tracked: TrackedFile):
+    """The response body: gunicorn's file wrapper (one sendfile, its socket corked meanwhile), or
+    blocks read in Python on servers without one (the test client)."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    if wrapper is None:
+        return tracked.chunks()
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        tracked.cork(sock)
+    return wrapper(tracked)
 
 
 def close_with_orm(app: Flask, reservation: delivery.Reservation, sent: int, **record) -> None:
@@ -262,9 +292,7 @@ class PipeDelivery:
         app = current_app._get_current_object()
         transfer_counters(app).transfer_started()
         tracked = TrackedFile(fh, part.start, part.length, _finisher(app, reservation, req, status, part.length))
-        wrapper = req.environ.get("wsgi.file_wrapper")
-        body = wrapper(tracked) if wrapper else tracked.chunks()
-        response = Response(body, status=status, headers=headers, direct_passthrough=True)
+        response = Response(file_body(req.environ, tracked), status=status, headers=headers, direct_passthrough=True)
         response.content_length = part.length
         return response
 
