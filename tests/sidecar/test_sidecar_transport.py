@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import http.client
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -96,6 +97,30 @@ def test_two_requests_share_one_connection(served):
     finally:
         conn.close()
     assert "No keepalived connections" not in server.log_path.read_text()
+
+
+@pytest.mark.backends("sqlite")
+def test_corked_bodies_end_without_the_cork_delay(served):
+    """Bodies go out corked (nginx's tcp_nopush); the last partial segment must leave at the end of the
+    body, not when Linux's 200 ms cork timer fires, or every kept-alive request would stall."""
+    server, link = served
+    path = urlsplit(link).path
+    conn = _connection(server)
+    try:
+        conn.request("GET", path + "f/readme.txt")  # warm up: the first request opens the database
+        conn.getresponse().read()
+        times = []
+        for target, headers in ((path + "f/readme.txt", {}), (path + "f/big.bin", {"Range": "bytes=7-50006"}),
+                                (path + "f/readme.txt", {}), (path + "f/big.bin", {"Range": "bytes=3-1000"})):
+            started = time.perf_counter()
+            conn.request("GET", target, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            times.append(time.perf_counter() - started)
+            assert resp.status in (200, 206) and len(body) == int(resp.getheader("Content-Length"))
+        assert min(times) < 0.15, times  # a forgotten uncork costs >= 200 ms on every one of them
+    finally:
+        conn.close()
 
 
 @pytest.mark.backends("sqlite")
