@@ -31,4 +31,6 @@ db = SQLAlchemy(model_class=Base)
 migrate = Migrate()
 login_manager = LoginManager()
 csrf = CSRFProtect()
-limiter = Limiter(key_func=client_address, default_limits=[], headers_enabled=True)
+# No rate-limit headers on answers: flask-limiter would put "Retry-After: 0" on every 200 and HEAD of a
+# limited route (download managers read it as "come back later"); a 429 gets its Retry-After from app.errors.
+limiter = Limiter(key_func=client_address, default_limits=[], headers_enabled=False)

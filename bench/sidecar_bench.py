@@ -17,6 +17,7 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -50,14 +51,15 @@ def make_big_file(path: Path, size: int, written: bool = True) -> None:
 
 
 def setup(root: Path, small_files: int, database_url: str | None = None, written: bool = True,
-          slow_clients: int = 0) -> tuple[dict[str, str], dict[str, str]]:
+          slow_clients: int = 0, huge: bool = True) -> tuple[dict[str, str], dict[str, str]]:
     """An instance with BIG (1 GiB), HUGE (4 GiB), SMALL (4 KiB files) and unlimited links: one per
     slow client (1,000 shoppers, not one link downloaded 1,000 times) and 50 for the small files."""
     env = {"SOFTGOODS_INSTANCE_DIR": str(root / "instance"), "DATABASE_URL": database_url or f"sqlite:///{root / 'db.sqlite'}",
            "SOFTGOODS_SECRET_KEY": "bench-" + os.urandom(8).hex(), "SOFTGOODS_DOWNLOAD_DIR": str(root / "dl"),
            "SOFTGOODS_SYMLINK_DIR": str(root / "links")}
     make_big_file(root / "dl" / "BIG" / "big.bin", GIB, written)
-    make_big_file(root / "dl" / "HUGE" / "huge.bin", 4 * GIB, written)
+    if huge:  # only the time-to-first-byte probes use it
+        make_big_file(root / "dl" / "HUGE" / "huge.bin", 4 * GIB, written)
     for i in range(small_files):
         p = root / "dl" / "SMALL" / f"f{i:03d}.bin"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -78,9 +80,9 @@ def setup(root: Path, small_files: int, database_url: str | None = None, written
         flask_migrate.upgrade(directory=MIGRATIONS_DIR)
         t0 = time.monotonic()
         index_files(db.session, env["SOFTGOODS_DOWNLOAD_DIR"])
-        print(f"index: {5 * GIB + small_files * 4096:,} bytes hashed in {time.monotonic() - t0:.1f} s",
+        print(f"index: {(5 if huge else 1) * GIB + small_files * 4096:,} bytes hashed in {time.monotonic() - t0:.1f} s",
               flush=True)
-        for sku in ("BIG", "HUGE", "SMALL"):
+        for sku in ("BIG", "HUGE", "SMALL") if huge else ("BIG", "SMALL"):
             product = add_product(db.session, sku=sku, name=sku, price="1", max_downloads=None)
             # many shoppers of the small files: each link sees a few requests, as in a real shop
             for i in range({"SMALL": SMALL_GRANTS, "BIG": slow_clients + 1, "HUGE": TTFB_PROBES + 1}[sku]):
@@ -133,6 +135,21 @@ def ttfb(url: str) -> float:
     return elapsed
 
 
+def worker_rss(server: ServerProcess) -> list[int]:
+    """Resident memory (bytes) of each gunicorn worker of ``server`` (the arbiter's children)."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    sizes = []
+    for pid in children:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                sizes.append(int(line.split()[1]) * 1024)
+    return sizes
+
+
+def mib(sizes: list[int]) -> str:
+    return " + ".join(f"{size / (1 << 20):.0f}" for size in sizes) + " MiB"
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
@@ -155,7 +172,7 @@ def main() -> int:
     servers: list[ServerProcess] = []
     try:
         env, links = setup(root, small_files=100, database_url=args.database_url, written=not args.fallocate,
-                           slow_clients=args.slow_clients if "slow" in only else 0)
+                           slow_clients=args.slow_clients if "slow" in only else 0, huge="ttfb" in only)
         extra = dict(item.split("=", 1) for item in args.sidecar_env)
         sidecar = start_gunicorn("sidecar.wsgi:app", {**env, **extra}, root / "sidecar.log")
         servers.append(sidecar)
@@ -206,23 +223,29 @@ def main() -> int:
                   f"link each), ratio {results['TTFB']:.2f}; nginx, same files: {ms(m['nginx 4 GiB'])} vs "
                   f"{ms(m['nginx 4 KiB'])}, ratio {m['nginx 4 GiB'] / m['nginx 4 KiB']:.2f}", flush=True)
         if "slow" in only:
+            # every slow client is a socket here: 10,000 need more than the usual 1,024 descriptors
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            idle_rss = worker_rss(sidecar)
+            ramp = args.slow_clients / 50 * 0.05  # slow_readers opens 50 connections every 50 ms
             with mp.Pool(1) as pool:
                 slow_urls = [link + "f/big.bin" for key, link in links.items() if key.startswith("SLOW")]
-                pending = pool.apply_async(slow_readers, (slow_urls, 100_000, args.slow_seconds))
-                time.sleep(args.slow_seconds / 3)  # let every client connect and start
+                pending = pool.apply_async(slow_readers, (slow_urls, 100_000, args.slow_seconds + ramp))
+                time.sleep(max(args.slow_seconds / 3, ramp + 3))  # let every client connect and start
+                busy_rss = worker_rss(sidecar)
                 req = urllib.request.Request(links["BIG"], headers={"Accept": "application/json"})
                 with urllib.request.urlopen(req, timeout=10) as resp:
                     assert json.load(resp)["files"]
                 lat = latencies(links["BIG"], 300, {"Accept": "application/json"})
-                got, statuses = pending.get(timeout=args.slow_seconds + 120)
+                got, statuses = pending.get(timeout=args.slow_seconds + ramp + 120)
             lat.sort()
             p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
             receiving = sum(1 for g in got if g > 100_000)
             results["listing p99"] = p99
             print(f"listing under {args.slow_clients} slow downloads (100 KB/s each): p50 {ms(p50)}, p99 {ms(p99)}, "
                   f"max {ms(lat[-1])}; {receiving}/{len(got)} downloads were receiving "
-                  f"(median {statistics.median(got) / 1e6:.2f} MB in {args.slow_seconds:.0f} s; statuses {statuses})",
-                  flush=True)
+                  f"(median {statistics.median(got) / 1e6:.2f} MB in {args.slow_seconds + ramp:.0f} s; statuses "
+                  f"{statuses}); worker RSS idle {mib(idle_rss)}, with the slow downloads {mib(busy_rss)}", flush=True)
         print(json.dumps({k: round(v, 4) for k, v in results.items()}))
     finally:
         for server in servers:

@@ -42,12 +42,14 @@ def create_sidecar(config: Mapping[str, Any] | None = None, env: Mapping[str, st
 
 def register_extensions(app: Flask) -> None:
     from app import models  # noqa: F401  every table, so relationships resolve
+    from app.downloads.serving import COUNTERS_EXTENSION
     from sidecar import metrics
 
     db.init_app(app)
     csrf.init_app(app)
     limiter.init_app(app)
     metrics.init(Path(app.config["INSTANCE_DIR"]) / "sidecar-metrics")
+    app.extensions[COUNTERS_EXTENSION] = metrics  # the delivery rules count through it, never importing us
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         from sidecar import sqlite_writers
 

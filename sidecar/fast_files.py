@@ -30,7 +30,7 @@ from app.downloads.errors import DeliveryRefused, LinkNotFound
 from app.downloads.fast_store import EntryRow, GrantRow, NeedsFullPath, RawStore, runner_for
 from app.downloads.ranges import ByteRange, evaluate
 from app.downloads.receipts import key_matches, read_receipt
-from app.downloads.serving import TrackedFile, close_with_orm, entry_headers, keep_alive, single_part
+from app.downloads.serving import TrackedFile, close_with_orm, entry_headers, file_body, keep_alive, single_part
 from app.extensions import db
 from app.timeutil import utcnow
 from sidecar import metrics
@@ -115,8 +115,7 @@ class FastFiles:
             return None
         keep_alive(self.app, planned.reservation, tracked, tracked.tell, environ.get("gunicorn.socket"))
         start_response(STATUS_LINE[planned.status], list(planned.headers.items()))
-        wrapper = environ.get("wsgi.file_wrapper")
-        return wrapper(tracked) if wrapper else tracked.chunks()
+        return file_body(environ, tracked)
 
     def _plan(self, store: RawStore, request: FastRequest) -> Planned | None:
         """Validate the link and the file and plan the response (reads only; ``delivery.reserve``

@@ -6,21 +6,32 @@ Override with SOFTGOODS_SIDECAR_WORKERS / SOFTGOODS_SIDECAR_THREADS (read here: 
 config, not the app's).
 """
 import os
+import resource
 
-worker_class = "gthread"
+# gthread, and it stops accepting while all its threads are busy (sidecar/worker.py).
+worker_class = "sidecar.worker.DownloadWorker"
 workers = int(os.environ.get("SOFTGOODS_SIDECAR_WORKERS") or 2)
-threads = int(os.environ.get("SOFTGOODS_SIDECAR_THREADS") or 1000)
-# A worker whose threads are all busy must stop accepting, so new connections go to a worker that has
-# a free thread instead of waiting in a full one's queue (measured: 209 of 1,000 slow downloads
-# starved with 2 x 600 threads and worker_connections = 1,300).
-worker_connections = threads
+# 2 x 5,000: 10,000 concurrent slow downloads, a thread each (README "Performance": memory per worker).
+threads = int(os.environ.get("SOFTGOODS_SIDECAR_THREADS") or 5000)
+# Beyond the threads, room for as many idle kept-alive connections (an fd each): gthread keeps a
+# connection alive only while fewer than worker_connections - threads are kept.
+worker_connections = 2 * threads
+# A download holds its socket and its file open, a kept-alive connection its socket: ~3 fds per thread,
+# more than the usual soft limit of 1,024. Raised to the hard limit (the workers inherit it).
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+_most = _hard if _hard != resource.RLIM_INFINITY else 1 << 20
+if _soft != resource.RLIM_INFINITY and _soft < _most:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_most, _hard))
+if _most < 3 * threads + 64:
+    print(f"sidecar: only {_most} file descriptors per worker for {threads} threads; raise the hard limit "
+          "(ulimit -Hn, LimitNOFILE=) or lower SOFTGOODS_SIDECAR_THREADS", flush=True)
 # sendfile: leave UNSET. gunicorn's Config.sendfile is False whenever the setting is not None, so
 # "sendfile = True" here would switch it off (measured: 3,000 read()+sendto() per 24 MiB instead of
 # one sendfile). Unset, it is on unless the SENDFILE environment variable says otherwise.
 keepalive = 5
 timeout = 60  # the worker heartbeat; long transfers run in threads and do not block it
 graceful_timeout = 10
-backlog = 2048
+backlog = 4096  # connections a burst leaves queued in the kernel (capped by net.core.somaxconn)
 accesslog = None
 errorlog = "-"
 

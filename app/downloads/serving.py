@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -50,6 +51,31 @@ class FileRequest:
 
 class DeliveryMode(Protocol):
     def deliver(self, req: FileRequest) -> Response: ...
+
+
+class TransferCounters(Protocol):
+    """Live counters of the host that sends the bytes (the sidecar hands in ``sidecar.metrics``)."""
+
+    def transfer_started(self) -> None: ...
+    def transfer_finished(self, sent: int) -> None: ...
+
+
+class NoCounters:
+    """The store and the test client count nothing."""
+
+    def transfer_started(self) -> None:
+        pass
+
+    def transfer_finished(self, sent: int) -> None:
+        pass
+
+
+COUNTERS_EXTENSION = "softgoods_transfer_counters"
+
+
+def transfer_counters(app: Flask) -> TransferCounters:
+    """The counters the app's host registered in ``app.extensions`` (the rules never import the sidecar)."""
+    return app.extensions.get(COUNTERS_EXTENSION) or NoCounters()
 
 
 def etag_for(entry: FileEntry) -> str:
@@ -123,6 +149,7 @@ class TrackedFile:
         self._fh, self.start, self.length, self._on_close = fh, start, length, on_close
         self.position = start
         self._closed = False
+        self._corked = None
         fh.seek(start)
 
     def fileno(self) -> int:
@@ -155,11 +182,19 @@ class TrackedFile:
     def bytes_sent(self) -> int:
         return min(max(0, self.position - self.start), self.length)
 
+    def cork(self, sock) -> None:
+        """Hold partial TCP segments back until ``close`` (nginx's ``tcp_nopush``): the headers leave
+        in the first full segment with the body, and sendfile's bytes only in full segments."""
+        if _set_cork(sock, True):
+            self._corked = sock
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         heartbeat.remove(self)
+        if self._corked is not None:  # the last partial segment leaves now, not 200 ms later
+            _set_cork(self._corked, False)
         self._fh.close()
         self._on_close(self.bytes_sent)
 
@@ -195,6 +230,26 @@ def keep_alive(app: Flask, reservation: delivery.Reservation, key, position: Cal
     heartbeat.add(key, progress, (app, reservation))
 
 
+def _set_cork(sock, on: bool) -> bool:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+    except (AttributeError, OSError):  # not TCP (a UNIX socket, a test double) or not Linux: send as is
+        return False
+    return True
+
+
+def file_body(environ: dict, tracked: TrackedFile):
+    """The response body: gunicorn's file wrapper (one sendfile, its socket corked meanwhile), or
+    blocks read in Python on servers without one (the test client)."""
+    wrapper = environ.get("wsgi.file_wrapper")
+    if wrapper is None:
+        return tracked.chunks()
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        tracked.cork(sock)
+    return wrapper(tracked)
+
+
 def close_with_orm(app: Flask, reservation: delivery.Reservation, sent: int, **record) -> None:
     """close_request in its own app context (a response body closes after its request's context).
     Never raises: the bytes are gone either way; a failure is logged, not lost in a worker."""
@@ -209,8 +264,7 @@ def close_with_orm(app: Flask, reservation: delivery.Reservation, sent: int, **r
 
 def _finisher(app: Flask, reservation: delivery.Reservation, req: FileRequest, status: int,
               length: int) -> Callable[[int], None]:
-    from sidecar.metrics import transfer_finished
-
+    transfer_finished = transfer_counters(app).transfer_finished
     range_header = req.headers.get("Range")
 
     def finish(sent: int) -> None:
@@ -281,17 +335,13 @@ class PipeDelivery:
         return self._send(req, plan.status, part, headers)
 
     def _send(self, req: FileRequest, status: int, part: ByteRange, headers: dict) -> Response:
-        from sidecar.metrics import transfer_started
-
         fh = open_product_file(req)
         reservation = _reserve(req, fh, start=part.start, length=part.length)
-        transfer_started()
         app = current_app._get_current_object()
+        transfer_counters(app).transfer_started()
         tracked = TrackedFile(fh, part.start, part.length, _finisher(app, reservation, req, status, part.length))
         keep_alive(app, reservation, tracked, tracked.tell, req.environ.get("gunicorn.socket"))
-        wrapper = req.environ.get("wsgi.file_wrapper")
-        body = wrapper(tracked) if wrapper else tracked.chunks()
-        response = Response(body, status=status, headers=headers, direct_passthrough=True)
+        response = Response(file_body(req.environ, tracked), status=status, headers=headers, direct_passthrough=True)
         response.content_length = part.length
         return response
 
@@ -299,8 +349,6 @@ class PipeDelivery:
         """nginx's multipart/byteranges layout (a Python loop, as in nginx; no downloader asks for it).
         ONE reservation for the sum of the parts and one log row (the parts are at most
         ranges.MAX_PARTS, coalesced): settling records the coverage of each part that left."""
-        from sidecar.metrics import transfer_started
-
         entry = req.entry
         boundary = f"{secrets.randbits(63):020d}"
         heads = [(f"\r\n--{boundary}\r\nContent-Type: {entry.media_type}\r\nContent-Range: bytes "
@@ -319,7 +367,7 @@ class PipeDelivery:
                                parts=tuple((r.start, r.end) for r in plan.ranges))
         app = current_app._get_current_object()
         finish = _finisher(app, reservation, req, 206, length)
-        transfer_started()
+        transfer_counters(app).transfer_started()
         sent = _Sent()
         keep_alive(app, reservation, sent, lambda: sent.bytes)
 
