@@ -103,6 +103,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "EXPIRY_GRACE_SECONDS": _int(env, "SOFTGOODS_EXPIRY_GRACE_SECONDS", 3600),
         # An unfinished delivery idle this long gives its download slot back when another needs it.
         "DELIVERY_STALE_SECONDS": _int(env, "SOFTGOODS_DELIVERY_STALE_SECONDS", 3600),
+        # accel/symlink: a reservation handed to nginx whose access-log line has not been ingested this
+        # long is released by the purge (the line, if it comes later, is still counted).
+        "NGINX_HANDOFF_SECONDS": _int(env, "SOFTGOODS_NGINX_HANDOFF_SECONDS", 3600),
         "BIND_IP": (env.get("SOFTGOODS_BIND_IP") or "0") in ("1", "true", "yes"),
         "LOG_RETENTION_DAYS": _int(env, "SOFTGOODS_LOG_RETENTION_DAYS", 365),
         # The watcher (README, "Operations"): quiet time before a changed file is re-indexed, how often
