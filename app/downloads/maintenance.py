@@ -35,7 +35,7 @@ from typing import Callable
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.downloads.models import DownloadLog, OutboxMessage, UserDownload
+from app.downloads.models import DownloadLog, NginxHandoff, OutboxMessage, UserDownload
 from app.store.models import Order
 
 BATCH = 50_000  # rows per transaction: big enough to be fast, small enough to keep locks short
@@ -300,6 +300,10 @@ def purge(session: Session, now: datetime, *, dry_run: bool, download_dir: str |
                                              .where(DownloadLog.at < report.log_cutoff)) or 0
         else:
             report.log_rows = prune_download_log(session, report.log_cutoff)
+            # settled nginx reservations are only needed while their log lines may still be read
+            session.execute(delete(NginxHandoff).where(NginxHandoff.settled_at < report.log_cutoff)
+                            .execution_options(synchronize_session=False))
+            session.commit()
 
     if not dry_run:
         from app.downloads.handoffs import release_stale_handoffs  # here: handoffs imports this module

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from threading import Barrier
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ from app.downloads.index import index_one
 from app.downloads.models import NginxHandoff, UserDownload
 from app.extensions import db
 from app.store.models import Order
+from app.timeutil import utcnow
 from tests.helpers import grant_link, make_product
 from tests.maintenance.test_nginx_log import broken_off_get, curl, deliveries, ingest, used, wait_logged
 
@@ -170,3 +172,19 @@ def test_a_symlink_fetched_again_still_counts_and_is_gone_once_ingested(app, sid
     assert len(report.refused) == 2 and all("refused-403" in r for r in report.refused)
     assert code(direct) == "404"  # the link went when its reservation was settled
     assert code(url) == "403"
+
+
+def test_settled_reservations_go_with_the_download_log(app, runner, sidecar_app, sc, product):
+    from tests.servers import path_of
+
+    sidecar_app.config["DELIVERY"] = "accel"
+    link = path_of(grant_link(app, "GAME", max_downloads=None)) + "f/setup/big file.bin"
+    assert sc.get(link).headers["X-Accel-Redirect"] and sc.get(link).headers["X-Accel-Redirect"]
+    with app.app_context():
+        old, recent = db.session.scalars(select(NginxHandoff).order_by(NginxHandoff.id)).all()
+        old.settled_at = utcnow() - timedelta(days=app.config["LOG_RETENTION_DAYS"] + 1)
+        recent.settled_at, kept = utcnow(), recent.id
+        db.session.commit()
+    assert runner.invoke(args=["softgoods", "purge"]).exit_code == 0
+    with app.app_context():
+        assert db.session.scalars(select(NginxHandoff.id)).all() == [kept]
