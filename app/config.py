@@ -106,6 +106,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         # A request in flight that showed no progress this long is presumed dead (DESIGN: at least 60 s;
         # the sidecar's heartbeat refreshes a moving transfer every 20 s).
         "INFLIGHT_IDLE_SECONDS": max(60, _int(env, "SOFTGOODS_INFLIGHT_IDLE_SECONDS", 60)),
+        # accel/symlink: a reservation handed to nginx whose access-log line has not been ingested this
+        # long is released by the purge (the line, if it comes later, is still counted).
+        "NGINX_HANDOFF_SECONDS": _int(env, "SOFTGOODS_NGINX_HANDOFF_SECONDS", 3600),
         "BIND_IP": (env.get("SOFTGOODS_BIND_IP") or "0") in ("1", "true", "yes"),
         "LOG_RETENTION_DAYS": _int(env, "SOFTGOODS_LOG_RETENTION_DAYS", 365),
         # The watcher (README, "Operations"): quiet time before a changed file is re-indexed, how often

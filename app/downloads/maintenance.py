@@ -16,6 +16,8 @@ the store and a running watcher keep working meanwhile (SQLite queues writers on
 3. **Delete expired download packages** (record and ZIP; the original files stay) through
    ``app.downloads.packages.purge_expired_packages``.
 4. **Prune download-log rows** older than ``LOG_RETENTION_DAYS``, batched.
+   Then release reservations handed to nginx whose log line did not arrive within
+   ``NGINX_HANDOFF_SECONDS`` (``app.downloads.handoffs``), and idle unfinished deliveries' slots.
 5. **Retry the email outbox** (``app.mail.flush_outbox``), never in a dry run.
 
 ``dry_run=True`` writes nothing at all (no row, no file) and reports what a real run would remove.
@@ -33,7 +35,7 @@ from typing import Callable
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.orm import Session
 
-from app.downloads.models import DownloadLog, OutboxMessage, UserDownload
+from app.downloads.models import DownloadLog, NginxHandoff, OutboxMessage, UserDownload
 from app.store.models import Order
 
 BATCH = 50_000  # rows per transaction: big enough to be fast, small enough to keep locks short
@@ -52,6 +54,7 @@ class PurgeReport:
     log_rows: int = 0
     log_cutoff: datetime | None = None
     slots_released: int | None = None
+    handoffs_released: int | None = None
     outbox_sent: int | None = None
     outbox_waiting: int = 0
     notes: list[str] = field(default_factory=list)
@@ -73,6 +76,8 @@ class PurgeReport:
         if self.log_cutoff is not None:
             out.append(f"{verb('prune', 'pruned')} {self.log_rows} download-log row(s) "
                        f"before {self.log_cutoff:%Y-%m-%d}")
+        if self.handoffs_released is not None:
+            out.append(f"released {self.handoffs_released} reservation(s) handed to nginx with no log line in time")
         if self.slots_released is not None:
             out.append(f"released {self.slots_released} download slot(s) held by idle unfinished deliveries")
         if self.dry_run:
@@ -295,6 +300,16 @@ def purge(session: Session, now: datetime, *, dry_run: bool, download_dir: str |
                                              .where(DownloadLog.at < report.log_cutoff)) or 0
         else:
             report.log_rows = prune_download_log(session, report.log_cutoff)
+            # settled nginx reservations are only needed while their log lines may still be read
+            session.execute(delete(NginxHandoff).where(NginxHandoff.settled_at < report.log_cutoff)
+                            .execution_options(synchronize_session=False))
+            session.commit()
+
+    if not dry_run:
+        from app.downloads.handoffs import release_stale_handoffs  # here: handoffs imports this module
+
+        report.handoffs_released = release_stale_handoffs(session, now)
+        session.commit()
 
     release = _stale_slot_releaser()
     if release is not None and not dry_run:

@@ -144,6 +144,33 @@ class Delivery(db.Model):
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class NginxHandoff(db.Model):
+    """A reservation the sidecar made before handing a file to nginx (accel and symlink modes).
+
+    nginx sends the bytes, so the sidecar never sees the request end: the access-log line settles the
+    reservation (``app.downloads.handoffs``), or the purge releases it when no line arrives in time.
+    The columns are those of ``delivery.Reservation``, so the settling side rebuilds it exactly."""
+
+    __tablename__ = "nginx_handoffs"
+    __table_args__ = (Index("ix_nginx_handoffs_file", "grant_id", "sku", "path"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str] = mapped_column(String(64), unique=True)  # random; symlink mode's link folder
+    grant_id: Mapped[int] = mapped_column(ForeignKey("user_downloads.id", ondelete="CASCADE"))
+    delivery_id: Mapped[int | None] = mapped_column(ForeignKey("deliveries.id", ondelete="SET NULL"))
+    order_po: Mapped[str | None] = mapped_column(String(32))
+    sku: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))
+    product_sku: Mapped[str | None] = mapped_column(String(64))
+    start: Mapped[int] = mapped_column(BigInteger)
+    length: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[int] = mapped_column()  # what nginx is expected to answer: 200 or 206
+    method: Mapped[str] = mapped_column(String(8), default="GET")
+    reservation_token: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+
+
 class DownloadLog(db.Model):
     """One row per file request: the owner's log and the raw material of delivery evidence."""
 

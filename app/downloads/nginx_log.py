@@ -39,7 +39,7 @@ from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.downloads import delivery
+from app.downloads import delivery, handoffs
 from app.downloads.access import find_file
 from app.downloads.errors import DeliveryRefused
 from app.downloads.models import DownloadLog, FileEntry, UserDownload
@@ -191,14 +191,19 @@ class IngestReport:
                 f"{self.unmatched} matching no grant or file, {self.malformed} not in the softgoods format")
 
 
-def resolve(session: Session, line: LogLine, *, secret: str, accel: bool) -> tuple[UserDownload, FileEntry] | None:
-    """The grant and index entry a served URI belongs to, or None."""
+def resolve(session: Session, line: LogLine, *, secret: str,
+            accel: bool) -> tuple[UserDownload, FileEntry, str | None] | None:
+    """The grant and index entry a served URI belongs to, and the reservation token it names (symlink
+    mode), or None."""
     path = line.uri.split("?", 1)[0]
-    grant = None
-    if path.startswith("/links/"):  # symlink mode: /links/<token>/<name>
-        token, _, name = path[len("/links/"):].partition("/")
-        if token and name:
-            grant = session.scalar(select(UserDownload).where(UserDownload.symlink_token == token))
+    grant, handoff = None, None
+    if path.startswith("/links/"):  # symlink mode: /links/<grant folder>/<reservation>/<name>
+        folder, _, name = path[len("/links/"):].partition("/")
+        if folder and name:
+            grant = session.scalar(select(UserDownload).where(UserDownload.symlink_token == folder))
+        first, _, rest = name.partition("/")
+        if grant is not None and rest and handoffs.is_token_of(session, grant, first):
+            handoff, name = first, rest  # (before reservation folders, links sat in the grant's folder)
     elif accel and (m := ACCEL_URI.match(path)):
         try:
             receipt = read_receipt(secret, unquote(m.group(1)))
@@ -210,7 +215,7 @@ def resolve(session: Session, line: LogLine, *, secret: str, accel: bool) -> tup
     if grant is None:
         return None
     try:
-        return grant, find_file(session, grant, unquote(name))
+        return grant, find_file(session, grant, unquote(name)), handoff
     except DeliveryRefused:
         return None
 
@@ -243,18 +248,20 @@ def _tag_log_rows(session: Session, _context, _instances) -> None:
             obj.source, obj.source_key = source
 
 
-def record_line(session: Session, line: LogLine, grant: UserDownload, entry: FileEntry) -> str:
+def record_line(session: Session, line: LogLine, grant: UserDownload, entry: FileEntry,
+                handoff: str | None = None) -> str:
     """Run one served request through the delivery rules; returns the outcome written."""
     session.info[SOURCE_INFO] = ("nginx", line.source_key)
     try:
-        outcome = _apply_rules(session, line, grant, entry)
+        outcome = _apply_rules(session, line, grant, entry, handoff)
         session.flush()
     finally:
         session.info.pop(SOURCE_INFO, None)
     return outcome
 
 
-def _apply_rules(session: Session, line: LogLine, grant: UserDownload, entry: FileEntry) -> str:
+def _apply_rules(session: Session, line: LogLine, grant: UserDownload, entry: FileEntry,
+                 handoff: str | None) -> str:
     outcome = "complete" if line.complete else "aborted"
     span = _served_span(line, entry)
     if span is None:
@@ -264,9 +271,13 @@ def _apply_rules(session: Session, line: LogLine, grant: UserDownload, entry: Fi
         outcome = "multipart"
     else:
         start, length = span
+        # The sidecar reserved these bytes before handing them over; a line it did not (a reservation
+        # released already, a link fetched again) runs through the rules at the time it started.
+        reservation = handoffs.settle_for_line(session, grant, entry, start=start, length=length,
+                                               token=handoff, now=line.at)
         try:
-            reservation = delivery.open_request(session, grant, entry, start=start, length=length,
-                                                method=line.method, now=line.started)
+            reservation = reservation or delivery.open_request(session, grant, entry, start=start, length=length,
+                                                               method=line.method, now=line.started)
         except DeliveryRefused as refusal:
             # nginx sent the bytes already; the record says the rules would not have counted them.
             outcome = f"refused-{refusal.status}"
@@ -278,6 +289,13 @@ def _apply_rules(session: Session, line: LogLine, grant: UserDownload, entry: Fi
                                    outcome=outcome, client_ip=line.remote_addr, user_agent=line.user_agent,
                                    range_header=line.http_range, now=line.at)
     return outcome
+
+
+def _release_unserved(session: Session, line: LogLine, secret: str) -> None:
+    """A reserved symlink answered without the file (nginx's own 304, a 404 after a rename)."""
+    found = resolve(session, line, secret=secret, accel=False)
+    if found is not None and found[2] is not None:
+        handoffs.release_unserved(session, *found, now=line.at)
 
 
 def ingest_log(session: Session, path: str | Path, *, accel: bool | None = None,
@@ -305,6 +323,8 @@ def ingest_log(session: Session, path: str | Path, *, accel: bool | None = None,
             continue
         if line.method != "GET" or line.status not in (200, 206):
             report.not_deliveries += 1
+            if line.method == "GET" and line.uri.startswith("/links/"):
+                _release_unserved(session, line, secret)
             continue
         if session.scalar(select(DownloadLog.id).where(DownloadLog.source_key == line.source_key)):
             report.already += 1

@@ -21,10 +21,10 @@ from werkzeug.http import http_date
 # Flask's own Response: Flask re-runs any other response type as a WSGI app, hiding the file wrapper
 from flask import Flask, Response, current_app
 
-from app.downloads import delivery, inflight
+from app.downloads import delivery, handoffs, inflight
 from app.downloads.access import clear_unreadable, flag_unreadable, unreadable_reason
 from app.downloads.errors import DeliveryRefused, FileUnreadable
-from app.downloads.models import FileEntry, UserDownload
+from app.downloads.models import FileEntry, NginxHandoff, UserDownload
 from app.downloads.ranges import ByteRange, Plan, evaluate
 from app.extensions import db
 
@@ -274,6 +274,19 @@ def _finisher(app: Flask, reservation: delivery.Reservation, req: FileRequest, s
     return finish
 
 
+def answer_without_body(req: FileRequest, plan: Plan, headers: dict[str, str]) -> Response | None:
+    """The 304, 412 and 416 answers of a plan (logged, nothing reserved); None when the plan sends bytes."""
+    if plan.status in (304, 412):
+        _log_only(req, plan.status, "not-modified" if plan.status == 304 else "refused")
+        keep = ("ETag", "Last-Modified", "Cache-Control") if plan.status == 304 else ()
+        return Response(status=plan.status, headers={k: headers[k] for k in keep})
+    if plan.status == 416:
+        _log_only(req, 416, "refused")
+        return Response("Requested range not satisfiable\n", status=416, mimetype="text/plain",
+                        headers={"Content-Range": f"bytes */{req.entry.size}"})
+    return None
+
+
 def single_part(plan: Plan, size: int, headers: dict[str, str]) -> ByteRange:
     """The one part a 200/206 plan sends; sets its Content-Range (206) and Content-Length in ``headers``."""
     part = plan.ranges[0] if plan.ranges else ByteRange(0, size)
@@ -318,14 +331,8 @@ class PipeDelivery:
         headers = file_headers(req)
         plan = evaluate(req.headers, size=entry.size, etag=headers["ETag"], mtime=entry.mtime_ns // 1_000_000_000)
         headers["X-Accel-Buffering"] = "no"  # a buffering proxy would read ahead of the shopper
-        if plan.status in (304, 412):
-            _log_only(req, plan.status, "not-modified" if plan.status == 304 else "refused")
-            keep = ("ETag", "Last-Modified", "Cache-Control") if plan.status == 304 else ()
-            return Response(status=plan.status, headers={k: headers[k] for k in keep})
-        if plan.status == 416:
-            _log_only(req, 416, "refused")
-            return Response("Requested range not satisfiable\n", status=416, mimetype="text/plain",
-                            headers={"Content-Range": f"bytes */{entry.size}"})
+        if (bodiless := answer_without_body(req, plan, headers)) is not None:
+            return bodiless
         if len(plan.ranges) > 1:
             return self._multipart(req, plan, headers)
         part = single_part(plan, entry.size, headers)
@@ -401,27 +408,57 @@ def symlink_token(grant: UserDownload) -> str:
     return grant.symlink_token
 
 
+def hand_to_nginx(req: FileRequest, headers: dict[str, str]) -> Response | NginxHandoff:
+    """accel and symlink: reserve the bytes nginx is about to send, as pipe mode does (403 past the
+    limit, before any redirect or link is handed out). Returns the sidecar's own answer when there is
+    no body to send (304, 412, 416), else the committed reservation. nginx runs with ``max_ranges 1``
+    (deploy/nginx-sidecar.conf): it answers a request for several ranges with the whole file."""
+    entry = req.entry
+    plan = evaluate(req.headers, size=entry.size, etag=headers["ETag"], mtime=entry.mtime_ns // 1_000_000_000)
+    if (bodiless := answer_without_body(req, plan, headers)) is not None:
+        return bodiless
+    one_part = plan.status == 206 and len(plan.ranges) == 1
+    part = plan.ranges[0] if one_part else ByteRange(0, entry.size)
+    try:
+        reserved = handoffs.hand_off(db.session, req.grant, entry, start=part.start, length=part.length,
+                                     status=206 if one_part else 200, method=req.method)
+        db.session.commit()  # concurrent requests must see this reservation
+    except DeliveryRefused as refusal:  # e.g. the limit is used up: logged, nothing handed out
+        db.session.rollback()
+        _log_only(req, refusal.status, "refused")
+        raise
+    return reserved
+
+
 class SymlinkDelivery:
-    """The mailing-list design: ``SYMLINK_DIR/<random>/<file>`` -> the product file, served by nginx.
-    The folder lives as long as the grant (maintenance removes it)."""
+    """The mailing-list design: ``SYMLINK_DIR/<grant folder>/<reservation>/<file>`` -> the product file,
+    served by nginx. Each GET gets its own reservation folder (removed when its log line settles it or
+    the purge releases it), so a link is no lasting way around the limit; the grant's folder goes with
+    the grant (maintenance). A HEAD gets its headers from the sidecar: it needs no link."""
 
     def deliver(self, req: FileRequest) -> Response:
         cfg = current_app.config
         open_product_file(req).close()  # nginx would answer its own 403/404; the shopper gets our 503
-        token = symlink_token(req.grant)
-        link = Path(cfg["SYMLINK_DIR"]) / token / req.name
+        headers = file_headers(req)
+        if req.method == "HEAD":
+            headers["Content-Length"] = str(req.entry.size)
+            _log_only(req, 200, "head")
+            return Response(status=200, headers=headers)
+        reserved = hand_to_nginx(req, headers)
+        if isinstance(reserved, Response):
+            return reserved
+        folder = f"{symlink_token(req.grant)}/{reserved.token}"
+        link = Path(cfg["SYMLINK_DIR"]) / folder / req.name
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not (link.is_symlink() and os.readlink(link) == str(req.full_path)):
-            temp = link.with_name(f".{link.name}.{secrets.token_hex(4)}")
-            os.symlink(req.full_path, temp)
-            os.replace(temp, link)  # atomic: a concurrent request never sees a half-made link
+        os.symlink(req.full_path, link)  # a new folder per reservation: nobody else makes this link
         _log_only(req, 302, "handoff")
-        target = f"{cfg['SYMLINK_URL']}/{token}/{quote(req.name)}"
+        target = f"{cfg['SYMLINK_URL']}/{folder}/{quote(req.name)}"
         return Response(status=302, headers={"Location": target, "Cache-Control": "no-store"})
 
 
 class AccelDelivery:
-    """nginx serves the file from its ``internal`` location after the sidecar validated the link."""
+    """nginx serves the file from its ``internal`` location after the sidecar validated the link and,
+    for a GET, reserved the bytes (a HEAD sends none: nginx answers it without a reservation)."""
 
     def deliver(self, req: FileRequest) -> Response:
         open_product_file(req).close()  # nginx would answer its own 403/404; the shopper gets our 503
@@ -429,6 +466,8 @@ class AccelDelivery:
         if not prefix.endswith("/"):
             prefix += "/"
         headers = file_headers(req)
+        if req.method != "HEAD" and isinstance(reserved := hand_to_nginx(req, headers), Response):
+            return reserved
         headers["X-Accel-Redirect"] = f"{prefix}{quote(req.entry.sku)}/{quote(req.entry.path)}"
         headers["X-Accel-Buffering"] = "no"
         _log_only(req, 200, "handoff")
