@@ -4,8 +4,8 @@
     .venv/bin/python bench/client_vs_curl.py [--size-mib 1024] [--faults 3] [--rounds 3]
 
 Starts a throw-away instance (SQLite in a temp folder, a random file in /tmp), the sidecar under
-gunicorn on a free loopback port, then times `curl -o` and `softgoods_fetch.py` (piece + whole-file
-SHA-256 verification on, confirmation included), alternating who goes first and syncing the disk
+gunicorn on a free loopback port, then times `curl -o` and `softgoods_fetch.py` (piece SHA-256
+checks and the HMAC proof of possession in the same pass, confirmation included), alternating who goes first and syncing the disk
 before each; the best round of each is compared
 (target: client >= 0.8x curl). Then it downloads through a proxy that cuts connections and one that
 flips bytes, and reports the bytes re-transferred per injected fault (target: at most one piece).

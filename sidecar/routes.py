@@ -10,12 +10,14 @@ from flask import (Blueprint, Response, current_app, g, jsonify, redirect, rende
 from sqlalchemy import select
 from werkzeug.routing import PathConverter
 
-from app.downloads import delivery
+from app.downloads import delivery, proof
 from app.downloads.access import (
     OpenedGrant, choices_left, choose_entitlement, class_offer, counted_by_file, file_downloads_left, files_for_grant,
     find_file, flag_unreadable, is_class_entitlement, open_grant, public_path, real_path,
 )
-from app.downloads.errors import DeliveryRefused, FileNotFound, FileUnreadable, InvalidInput, LinkNotFound
+from app.downloads.errors import (
+    DeliveryRefused, DigestMismatch, FileNotFound, FileUnreadable, InvalidInput, LinkNotFound,
+)
 from app.downloads.metalink import MEDIA_TYPE, metalink_for
 from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
@@ -121,6 +123,9 @@ def listing(receipt: str):
     opened = _open(receipt, finishing=_finishing_any)
     grant = opened.grant
     entries = files_for_grant(db.session, grant)
+    nonces, created = proof.nonces_for(db.session, grant, entries)
+    if created:
+        db.session.commit()  # the nonces shown must be the ones a confirm checks against
     evidence = _evidence_by_file(grant.id)
     counted = counted_by_file(db.session, grant) if grant.max_downloads is not None else {}
     files = [{
@@ -132,6 +137,7 @@ def listing(receipt: str):
         "metalink_url": url_for("sidecar.metalink", receipt=receipt, name=public_path(grant, e), _external=True),
         "downloads_left": file_downloads_left(grant, counted, e),  # the limit is per file
         "evidence": evidence.get((e.sku, e.path)),
+        "proof_nonce": nonces[(e.sku, e.path)],  # key of the confirm's proof (DESIGN "Proof of possession")
     } for e in entries]
     order = grant.order
     data = {
@@ -192,9 +198,15 @@ def confirm(receipt: str):
     opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, named))
     if not isinstance(payload, dict) or not isinstance(payload.get("path"), str) \
             or not isinstance(payload.get("sha256"), str):
-        raise InvalidInput('Send JSON like {"path": "ch1/intro.pdf", "sha256": "<64 hex digits>"}.', status=400)
+        raise InvalidInput('Send JSON like {"path": "ch1/intro.pdf", "sha256": "<64 hex digits>", '
+                           '"proof": "<64 hex digits>"}.', status=400)
     entry = find_file(db.session, opened.grant, payload["path"])
-    status = delivery.confirm(db.session, opened.grant, entry, payload["sha256"].strip())
+    try:
+        status = delivery.confirm(db.session, opened.grant, entry, payload["sha256"].strip(), payload.get("proof"),
+                                  download_dir=current_app.config["DOWNLOAD_DIR"])
+    except DigestMismatch:
+        db.session.commit()  # only the expected proof of the current nonce: a retry needs no second file read
+        raise
     db.session.commit()
     return jsonify(status=status)
 

@@ -18,7 +18,8 @@ CONTRACT between the sidecar's serving code and these rules (see DESIGN.md "Deli
 
     log_request(session, grant, path, *, status, outcome, ...)  -- HEAD, 304, refusals: log only.
 
-    confirm(session, grant, entry, sha256) -> str   -- the client's proof; "verified" or DigestMismatch.
+    confirm(session, grant, entry, sha256, proof, download_dir=...) -> str  -- the client's proof of
+        possession (app.downloads.proof); "verified", or InvalidInput / DigestMismatch / ProofMismatch.
 
     grace_allows(session, grant, entry=None, now=None) -- may an expired link still finish a delivery
         that started before expiry (this file's, or any with entry=None: listing, Metalink, confirm)?
@@ -111,7 +112,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
-from app.downloads import inflight
+from app.downloads import inflight, proof
 from app.downloads.errors import DigestMismatch, DownloadsExhausted, FileUnavailable, InvalidInput, LinkExpired
 from app.downloads.evidence import add_interval, covered, maybe_ship, order_evidence, parse_intervals
 from app.downloads.models import Delivery, DownloadLog, FileEntry, UserDownload
@@ -586,19 +587,24 @@ def log_request(session: Session, grant: UserDownload | None, path: str, *, stat
                             bytes_sent=0, outcome=outcome, at=now or utcnow()))
 
 
-def confirm(session: Session, grant: UserDownload, entry: FileEntry, sha256: str,
-            now: datetime | None = None) -> str:
-    """The client's proof. A match records ``verified`` (counting the delivery once if it was not yet);
-    a mismatch raises DigestMismatch and changes nothing."""
+def confirm(session: Session, grant: UserDownload, entry: FileEntry, sha256: str, proof_hex: str | None, *,
+            download_dir: str, now: datetime | None = None) -> str:
+    """The client's proof of possession (app.downloads.proof). A matching proof records ``verified``
+    (counting the delivery once if it was not yet) and replaces the file's nonce; a missing proof is
+    InvalidInput (422), a wrong digest or proof DigestMismatch/ProofMismatch (409), and change nothing
+    but the kept expected proof of the current nonce (the caller commits it, so a retry reads no file)."""
     now = now or utcnow()
     if not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256):
         raise InvalidInput("sha256 must be 64 hexadecimal digits", status=400)
+    proof_hex = proof.checked_proof(proof_hex)
     if entry.flagged:
         raise FileUnavailable("This file failed the shop's integrity check, so it cannot be confirmed.",
                               advice="The shop has been told. Please try again later.")
     if sha256.lower() != entry.sha256:
         raise DigestMismatch()
+    nonce = proof.check_proof(session, grant, entry, proof_hex, download_dir)  # reads the file: before any lock
     _lock_grant(session, grant.id)
+    proof.spend_nonce(session, grant, entry, nonce)
     delivery = session.scalars(select(Delivery).where(
         Delivery.grant_id == grant.id, Delivery.sku == entry.sku, Delivery.path == entry.path,
         Delivery.sha256 == entry.sha256).order_by(Delivery.evidence.is_(None), Delivery.id.desc()).limit(1)

@@ -84,6 +84,12 @@ class DigestMismatch(DeliveryRefused):
     advice = "Download the file again; the verifying client re-fetches only the damaged parts."
 
 
+class ProofMismatch(DigestMismatch):
+    message = "The proof you sent does not match this file and this link's current proof nonce."
+    advice = ("Read the file list again for a fresh proof_nonce and compute the proof over the file you "
+              "downloaded; the verifying client does this for you.")
+
+
 class InvalidInput(ValueError):
     """Bad input from a form, a request or the command line: nothing has been written."""
 

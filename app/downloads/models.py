@@ -171,6 +171,27 @@ class NginxHandoff(db.Model):
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
 
 
+class ProofNonce(db.Model):
+    """The key of a verifying client's proof of possession (DESIGN.md "Proof of possession"): one per
+    grant and file, random, replaced after each successful confirm. Stored plain: the server needs it
+    to compute the proof, and it proves nothing without the file's bytes."""
+
+    __tablename__ = "proof_nonces"
+    __table_args__ = (UniqueConstraint("grant_id", "sku", "path"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    grant_id: Mapped[int] = mapped_column(ForeignKey("user_downloads.id", ondelete="CASCADE"))
+    sku: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))
+    nonce: Mapped[str] = mapped_column(String(64))  # 32 random bytes, hex
+    # The expected proof, once a confirm read the file for this nonce: later attempts with this nonce
+    # cost no file read. Kept as its SHA-256 (a database reader learns no usable proof), together
+    # with the file version (its SHA-256) it was computed over.
+    expected_proof_hash: Mapped[str | None] = mapped_column(String(64))
+    expected_for_sha256: Mapped[str | None] = mapped_column(String(64))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class DownloadLog(db.Model):
     """One row per file request: the owner's log and the raw material of delivery evidence."""
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-05 09:24:18.396991
+Create Date: 2026-12-05 11:34:31.531128
 
 """
 from alembic import op
@@ -243,6 +243,19 @@ def upgrade():
     with op.batch_alter_table('entitlement_choices', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_entitlement_choices_grant_id'), ['grant_id'], unique=False)
 
+    op.create_table('proof_nonces',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('grant_id', sa.Integer(), nullable=False),
+    sa.Column('sku', sa.String(length=64), nullable=False),
+    sa.Column('path', sa.String(length=1024), nullable=False),
+    sa.Column('nonce', sa.String(length=64), nullable=False),
+    sa.Column('expected_proof_hash', sa.String(length=64), nullable=True),
+    sa.Column('expected_for_sha256', sa.String(length=64), nullable=True),
+    sa.Column('issued_at', app.timeutil.UTCDateTime(), nullable=False),
+    sa.ForeignKeyConstraint(['grant_id'], ['user_downloads.id'], name=op.f('fk_proof_nonces_grant_id_user_downloads'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_proof_nonces')),
+    sa.UniqueConstraint('grant_id', 'sku', 'path', name=op.f('uq_proof_nonces_grant_id'))
+    )
     op.create_table('download_log',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('at', app.timeutil.UTCDateTime(), nullable=False),
@@ -313,6 +326,7 @@ def downgrade():
         batch_op.drop_index(batch_op.f('ix_download_log_at'))
 
     op.drop_table('download_log')
+    op.drop_table('proof_nonces')
     with op.batch_alter_table('entitlement_choices', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_entitlement_choices_grant_id'))
 

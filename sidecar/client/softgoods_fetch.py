@@ -5,9 +5,11 @@
 
 LINK is the download link from your email (or a pasted piece of the email that contains it). The
 client reads the link's file list, downloads each file into ``<name>.part`` with resume, checks every
-piece against the shop's Metalink as it arrives, fetches again only pieces that fail, checks the
-whole file's SHA-256, renames it into place and tells the shop it arrived intact. It exits 0 only
-when every file is verified. Interrupted? Run the same command again: it continues where it stopped.
+piece against the shop's Metalink as it arrives, fetches again only pieces that fail, renames it into
+place and proves to the shop that it holds the file: an HMAC-SHA256 of the file's bytes keyed with the
+file's ``proof_nonce``, computed in the same pass (the pieces already prove the file intact, so no
+separate whole-file SHA-256 is needed: two hashes per byte). It exits 0 only when every file is
+verified. Interrupted? Run the same command again: it continues where it stopped.
 
 Needs nothing but Python 3.9+ and its standard library.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -234,25 +237,27 @@ def human(n: float) -> str:
 
 
 class Verifier:
-    """Checks pieces and the whole file in two threads while the socket is read, so verification
-    keeps up with the network (hashlib releases the GIL): socket -> piece thread -> whole thread.
-    Buffers go round in a small pool: a buffer is read into again only after both hashes saw it."""
+    """Checks pieces and computes the proof (HMAC-SHA256 keyed with the nonce) in two threads while
+    the socket is read, so verification keeps up with the network (hashlib releases the GIL):
+    socket -> piece thread -> proof thread. Buffers go round in a small pool: a buffer is read into
+    again only after both hashes saw it. The proof runs only while bytes arrive in order from byte 0;
+    otherwise (a resumed run, a re-fetched piece) it is computed from disk at the end."""
 
     BUFFERS = 8
 
-    def __init__(self, job: "FileJob", whole_from_start: bool):
+    def __init__(self, job: "FileJob", proof_from_start: bool):
         self.job = job
         self.free: queue.Queue = queue.Queue()
         for _ in range(self.BUFFERS):
             self.free.put(bytearray(BLOCK))
         self.piece_queue: queue.Queue = queue.Queue()
-        self.whole_queue: queue.Queue = queue.Queue()
+        self.proof_queue: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.piece_hash, self.piece_at = hashlib.sha256(), -1
-        self.whole = hashlib.sha256() if whole_from_start else None
-        self.whole_at = 0
+        self.mac = proof_hmac(job.nonce) if proof_from_start else None
+        self.mac_at = 0
         self.threads = [threading.Thread(target=self._piece_loop, daemon=True),
-                        threading.Thread(target=self._whole_loop, daemon=True)]
+                        threading.Thread(target=self._proof_loop, daemon=True)]
         for thread in self.threads:
             thread.start()
 
@@ -263,7 +268,7 @@ class Verifier:
 
     def drain(self) -> None:
         self.piece_queue.join()
-        self.whole_queue.join()
+        self.proof_queue.join()
         if self.error is not None:
             raise self.error
 
@@ -272,17 +277,17 @@ class Verifier:
         for thread in self.threads:
             thread.join(60)
 
-    def whole_digest(self) -> str | None:
-        if self.whole is None or self.whole_at != self.job.size:
+    def proof(self) -> str | None:
+        if self.mac is None or self.mac_at != self.job.size:
             return None
-        return self.whole.hexdigest()
+        return self.mac.hexdigest()
 
     def _piece_loop(self) -> None:
         while True:
             item = self.piece_queue.get()
             try:
                 if item is None:
-                    self.whole_queue.put(None)
+                    self.proof_queue.put(None)
                     return
                 if self.error is None:
                     buf, n, offset = item
@@ -291,7 +296,7 @@ class Verifier:
                 self.error = exc
             finally:
                 if item is not None:
-                    self.whole_queue.put(item)
+                    self.proof_queue.put(item)
                 self.piece_queue.task_done()
 
     def _pieces(self, chunk: memoryview, offset: int) -> None:
@@ -310,22 +315,22 @@ class Verifier:
                 self.job.finish_piece(index, digest)
         self.piece_at = offset
 
-    def _whole_loop(self) -> None:
+    def _proof_loop(self) -> None:
         while True:
-            item = self.whole_queue.get()
+            item = self.proof_queue.get()
             try:
                 if item is None:
                     return
                 buf, n, offset = item
-                if self.whole is not None:
-                    if offset == self.whole_at:
-                        self.whole.update(memoryview(buf)[:n])
-                        self.whole_at += n
+                if self.mac is not None:
+                    if offset == self.mac_at:
+                        self.mac.update(memoryview(buf)[:n])
+                        self.mac_at += n
                     else:
-                        self.whole = None
+                        self.mac = None
                 self.free.put(buf)
             finally:
-                self.whole_queue.task_done()
+                self.proof_queue.task_done()
 
 
 class FileJob:
@@ -335,10 +340,13 @@ class FileJob:
         self.http, self.info, self.dest = http, info, dest
         self.part, self.state_path = dest + ".part", dest + ".part.json"
         self.size, self.sha256 = int(info["size"]), info["sha256"].lower()
+        self.nonce = info.get("proof_nonce")
+        proof_hmac(self.nonce)  # a listing without a usable nonce is refused before any byte is fetched
         self.show_progress = show_progress
         self.damaged = False
 
-    def run(self) -> None:
+    def run(self) -> str:
+        """Fetch and check the file; its proof for the shop."""
         self.piece_size, self.pieces = retrying(self.info["path"], fetch_pieces, self.http,
                                                 self.info["metalink_url"], self.size)
         self.load_state()
@@ -349,7 +357,7 @@ class FileJob:
             # No pre-sizing: appending is several times cheaper than filling a sparse file (ext4).
             self.recover_written_pieces()
             self.progress = Progress(self.info["path"], self.size, self.good_bytes, self.show_progress)
-            self.verifier = Verifier(self, whole_from_start=not any(self.good))
+            self.verifier = Verifier(self, proof_from_start=not any(self.good))
             try:
                 while not all(self.good):
                     first = self.good.index(False)
@@ -362,14 +370,12 @@ class FileJob:
                 self.verifier.close()
             self.save_state(force=True)
             self.progress.finish()
-            digest = None if self.damaged else self.verifier.whole_digest()
-            if digest is None:
-                digest = hash_file(self.fh)
-        if digest != self.sha256:
-            self.reset()
-            raise FileChanged("the whole-file SHA-256 does not match although every piece did")
+            proof = None if self.damaged else self.verifier.proof()
+            if proof is None:  # resumed, or bad bytes went into the running proof: one pass from disk
+                proof = hash_file(self.fh, proof_hmac(self.nonce))[0]
         os.replace(self.part, self.dest)
         os.unlink(self.state_path)
+        return proof
 
     # state ------------------------------------------------------------------------------------------
     def load_state(self) -> None:
@@ -478,7 +484,7 @@ class FileJob:
                 self.cursor += n
                 self.save_state()
                 if self.progress.enabled:
-                    self.progress.update(max(self.good_bytes, self.verifier.whole_at))
+                    self.progress.update(max(self.good_bytes, self.verifier.mac_at))
             if response.length:
                 self.http.drop(self.info["url"])  # we stopped reading early: this connection is spent
         except BaseException:
@@ -524,7 +530,7 @@ class FileJob:
                 self.good[index] = True
                 self.good_bytes += self.piece_length(index)
             return
-        self.damaged = True  # the bad bytes went into the running whole-file hash
+        self.damaged = True  # the bad bytes went into the running proof
         self.failures[index] = self.failures.get(index, 0) + 1
         say(f"{self.info['path']}: piece {index + 1} of {len(self.pieces)} arrived damaged; fetching it again",
             verbose_only=True)
@@ -534,21 +540,30 @@ class FileJob:
                              "changing the data; try another network, or contact the shop.")
 
 
-def hash_file(fh) -> str:
+def proof_hmac(nonce: str):
+    """The proof of possession the shop checks: HMAC-SHA256 over the file keyed with its nonce."""
+    try:
+        return hmac.new(bytes.fromhex(nonce), digestmod=hashlib.sha256)
+    except (TypeError, ValueError):
+        raise FetchError("the server listed no usable proof_nonce (is the shop's download host up to date?)") from None
+
+
+def hash_file(fh, *digests) -> list:
+    """One read of the file feeding every digest given; their hex digests in the same order."""
     fh.seek(0)
-    digest = hashlib.sha256()
     buf = bytearray(BLOCK)
     view = memoryview(buf)
     while True:
         n = fh.readinto(buf)
         if not n:
-            return digest.hexdigest()
-        digest.update(view[:n])
+            return [d.hexdigest() for d in digests]
+        for digest in digests:
+            digest.update(view[:n])
 
 
 def file_sha256(path: str) -> str:
     with open(path, "rb") as fh:
-        return hash_file(fh)
+        return hash_file(fh, hashlib.sha256())[0]
 
 
 # -- the whole link ---------------------------------------------------------------------------------
@@ -563,15 +578,17 @@ def say(message: str, verbose_only: bool = False, err: bool = True) -> None:
     print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def confirm(http: Http, confirm_url: str, path: str, sha256: str) -> None:
-    body = json.dumps({"path": path, "sha256": sha256}).encode()
+def confirm(http: Http, confirm_url: str, path: str, sha256: str, proof: str) -> None:
+    body = json.dumps({"path": path, "sha256": sha256, "proof": proof}).encode()
     response = http.request("POST", confirm_url, {"Content-Type": "application/json",
                                                   "Accept": "application/json"}, body)
     data = _read_all(response)
     if response.status == 200:
         return
     if response.status == 409:
-        raise FileChanged("the shop says the file's SHA-256 does not match")
+        # A stale nonce (spent by an earlier confirm whose answer was lost) or another version: the
+        # caller reads the list again (a fresh nonce) and proves the file here once more.
+        raise FileChanged(f"the shop did not accept the proof: {_json_error(data) or response.status}")
     raise FetchError(f"{path}: the shop did not accept the confirmation: {_json_error(data) or response.status}")
 
 
@@ -629,13 +646,16 @@ def fetch_one(http: Http, link: str, info: dict, directory: str, show_progress: 
     dest = safe_destination(directory, info["path"])
     for restart in range(MAX_VERSION_RESTARTS + 1):
         try:
-            intact = (os.path.isfile(dest) and os.path.getsize(dest) == int(info["size"])
-                      and file_sha256(dest) == info["sha256"].lower())
-            if not intact:
-                FileJob(http, info, dest, show_progress).run()
-            elif manifest is not None and manifest.confirmed(info):
-                return  # here, intact, and the shop has our proof already
-            retrying(info["path"], confirm, http, listing_confirm_url(http, link), info["path"], info["sha256"])
+            proof = None
+            if os.path.isfile(dest) and os.path.getsize(dest) == int(info["size"]):
+                with open(dest, "rb") as fh:  # one read: is it intact, and its proof
+                    sha256, proof = hash_file(fh, hashlib.sha256(), proof_hmac(info.get("proof_nonce")))
+                proof = proof if sha256 == info["sha256"].lower() else None
+                if proof is not None and manifest is not None and manifest.confirmed(info):
+                    return  # here, intact, and the shop has our proof already
+            if proof is None:
+                proof = FileJob(http, info, dest, show_progress).run()
+            retrying(info["path"], confirm, http, listing_confirm_url(http, link), info["path"], info["sha256"], proof)
             if manifest is not None:
                 manifest.record(info)
             return

@@ -1,17 +1,24 @@
 """A shopper's requests played straight against the counting rules (no HTTP): open, commit, close, commit."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from flask import Flask
 from sqlalchemy import select
 
 from app.downloads import delivery as rules
+from app.downloads import proof as proofs
 from app.downloads.models import Delivery, FileEntry, UserDownload
 from app.extensions import db
 from app.store.models import Order
 from tests.helpers import grant_link, make_product
+
+
+RIGHT_PROOF = "<the right proof>"  # Shop.confirm's default: computed from the file and its current nonce
 
 
 @dataclass
@@ -51,10 +58,29 @@ class Shop:
         self.close(reservation, sent, now, ip)
         return reservation
 
-    def confirm(self, path: str, sha256: str | None = None) -> str:
+    def nonce(self, path: str) -> str:
+        """The file's current proof nonce, issued as the listing issues it."""
+        entry = self.entry(path)
+        nonces, _created = proofs.nonces_for(db.session, self.grant(), [entry])
+        db.session.commit()
+        return nonces[(entry.sku, entry.path)]
+
+    def proof(self, path: str, nonce: str | None = None, data: bytes | None = None) -> str:
+        """What the verifying client sends: HMAC-SHA256 over the file's bytes keyed with the nonce
+        (the file's current one unless given)."""
+        entry = self.entry(path)
+        if data is None:
+            data = Path(self.app.config["DOWNLOAD_DIR"], entry.sku, entry.path).read_bytes()
+        return hmac.new(bytes.fromhex(nonce or self.nonce(path)), data, hashlib.sha256).hexdigest()
+
+    def confirm(self, path: str, sha256: str | None = None, proof: str | None = RIGHT_PROOF) -> str:
+        """A confirm with the file's digest and, unless given, the right proof for its current nonce."""
+        if proof is RIGHT_PROOF:
+            proof = self.proof(path)
         entry = self.entry(path)
         try:
-            result = rules.confirm(db.session, self.grant(), entry, sha256 or entry.sha256)
+            result = rules.confirm(db.session, self.grant(), entry, sha256 or entry.sha256, proof,
+                                   download_dir=self.app.config["DOWNLOAD_DIR"])
         except Exception:
             db.session.rollback()
             raise

@@ -5,6 +5,7 @@ Files are a few MiB (1 MiB pieces), so every test is bounded to seconds.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import random
 import signal
@@ -93,6 +94,37 @@ def test_client_fetches_verifies_confirms_and_a_second_run_changes_nothing(app, 
     assert again.returncode == 0, again.stderr
     with app.app_context():
         assert state(app)[0].downloads_used == 3
+
+
+def test_a_spent_nonce_makes_the_client_prove_again_with_a_fresh_one(app, sidecar, tmp_path):
+    """A confirm whose answer was lost spent the nonce the client holds: its retry gets 409, and the
+    client reads the list again and proves the file it already has (one read, nothing re-downloaded)."""
+    import importlib.util
+    import json
+    import urllib.request
+
+    sidecar()
+    make_product(app, "KIT", {"a.bin": 2 * MiB}, max_downloads=3)
+    link = grant_link(app, "KIT")
+    assert fetch(link, tmp_path / "out").returncode == 0
+    (tmp_path / "out" / ".softgoods-fetch.json").unlink()  # the client forgot that the shop has its proof
+    request = urllib.request.Request(link, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        stale = json.load(response)["files"][0]
+    spec = importlib.util.spec_from_file_location("softgoods_fetch", CLIENT)
+    client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(client)
+    data = (tmp_path / "out" / "a.bin").read_bytes()
+    body = json.dumps({"path": "a.bin", "sha256": stale["sha256"], "proof": hmac.new(
+        bytes.fromhex(stale["proof_nonce"]), data, hashlib.sha256).hexdigest()}).encode()
+    spend = urllib.request.Request(link + "confirm", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(spend, timeout=30) as response:  # the confirm whose answer the client lost
+        assert response.status == 200
+    client.fetch_one(client.Http(10), link, stale, str(tmp_path / "out"), False)  # holds the spent nonce
+    with app.app_context():
+        grant, deliveries, _order = state(app)
+        assert [d.evidence for d in deliveries] == ["verified"] and grant.downloads_used == 1
+        assert sum(d.attempts for d in deliveries) == 1  # proven from the file here: not fetched again
 
 
 @pytest.mark.backends("sqlite")

@@ -3,6 +3,7 @@ a slow copy indexed once when complete, bit rot flagged, links removed at expiry
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import signal
 import subprocess
@@ -113,8 +114,11 @@ def test_bit_rot_is_flagged_and_an_honest_change_is_not(app, watching, sc):
     with app.app_context():
         assert db.session.scalar(select(AuditEntry.target).where(AuditEntry.action == "file.flagged")) == "KIT/rot.bin"
     # the owner is told (audit entry, dashboard); the shopper's client can no longer confirm it as verified
+    nonce = next(f["proof_nonce"] for f in listing.get_json()["files"] if f["path"] == "rot.bin")
+    proof = hmac.new(bytes.fromhex(nonce), rot.read_bytes(), hashlib.sha256).hexdigest()  # holds the bytes, yet refused
     confirm = sc.post(urlsplit(listing.get_json()["confirm_url"]).path,
-                      json={"path": "rot.bin", "sha256": recorded["rot.bin"]}, headers={"Accept": "application/json"})
+                      json={"path": "rot.bin", "sha256": recorded["rot.bin"], "proof": proof},
+                      headers={"Accept": "application/json"})
     assert confirm.status_code == 503 and "integrity check" in confirm.get_json()["error"]
     good = Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "good.bin"
     good.write_bytes(b"a new release")  # an honest change: new mtime and size, re-indexed, never flagged

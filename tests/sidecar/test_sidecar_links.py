@@ -3,6 +3,7 @@ guess limiting, health and metrics. Test client of the sidecar app, on both back
 from __future__ import annotations
 
 import hashlib
+import hmac
 from datetime import timedelta
 
 import pytest
@@ -178,12 +179,21 @@ def test_pick_form_needs_its_csrf_token(app, sc):
     assert sc.get(link, headers=JSON).get_json()["choices_left"] == 1
 
 
-def test_confirm_checks_the_digest(app, sc):
+def confirmation(listing: dict, path: str, data: bytes) -> dict:
+    """What the verifying client posts: the digest and the proof keyed with the file's nonce."""
+    nonce = next(f["proof_nonce"] for f in listing["files"] if f["path"] == path)
+    return {"path": path, "sha256": hashlib.sha256(data).hexdigest(),
+            "proof": hmac.new(bytes.fromhex(nonce), data, hashlib.sha256).hexdigest()}
+
+
+def test_confirm_checks_the_digest_and_the_proof(app, sc):
     make_product(app, "BOOK", FILES)
     link = path_of(grant_link(app, "BOOK"))
-    good = hashlib.sha256(FILES["readme.txt"]).hexdigest()
-    assert sc.post(link + "confirm", json={"path": "readme.txt", "sha256": "0" * 64}).status_code == 409
-    assert sc.post(link + "confirm", json={"path": "readme.txt", "sha256": good}).get_json() == {"status": "verified"}
+    body = confirmation(sc.get(link, headers=JSON).get_json(), "readme.txt", FILES["readme.txt"])
+    assert sc.post(link + "confirm", json={**body, "sha256": "0" * 64}).status_code == 409
+    assert sc.post(link + "confirm", json={**body, "proof": "0" * 64}).status_code == 409
+    assert sc.post(link + "confirm", json={"path": "readme.txt", "sha256": body["sha256"]}).status_code == 422
+    assert sc.post(link + "confirm", json=body).get_json() == {"status": "verified"}
     assert sc.post(link + "confirm", data="not json").status_code == 400
 
 
@@ -284,18 +294,18 @@ def test_expired_link_may_finish_a_started_delivery_within_grace(app, sc):
     resumed = sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=1000-"})
     assert resumed.status_code == 206 and len(resumed.data) == 4000
     with open(app.config["DOWNLOAD_DIR"] + "/BOOK/ch1/intro.pdf", "rb") as fh:
-        intro = hashlib.sha256(fh.read()).hexdigest()
-    confirmed = sc.post(link + "confirm", json={"path": "ch1/intro.pdf", "sha256": intro}, headers=JSON)
+        intro = confirmation(listed.get_json(), "ch1/intro.pdf", fh.read())
+    confirmed = sc.post(link + "confirm", json=intro, headers=JSON)
     assert confirmed.status_code == 200 and confirmed.get_json() == {"status": "verified"}
-    readme = hashlib.sha256(FILES["readme.txt"]).hexdigest()
-    assert sc.post(link + "confirm", json={"path": "readme.txt", "sha256": readme}, headers=JSON).status_code == 410
+    readme = confirmation(listed.get_json(), "readme.txt", FILES["readme.txt"])
+    assert sc.post(link + "confirm", json=readme, headers=JSON).status_code == 410
     with app.app_context():
         _grant(app).expires_at = utcnow() - timedelta(days=1)  # past the grace period
         db.session.commit()
     assert sc.get(link + "f/ch1/intro.pdf", headers={"Range": "bytes=1000-"}).status_code == 410
     assert sc.get(link, headers=JSON).status_code == 410
     assert sc.get(link + "m/ch1/intro.pdf.meta4").status_code == 410
-    assert sc.post(link + "confirm", json={"path": "ch1/intro.pdf", "sha256": intro}, headers=JSON).status_code == 410
+    assert sc.post(link + "confirm", json=intro, headers=JSON).status_code == 410
 
 
 @pytest.mark.backends("sqlite")
