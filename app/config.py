@@ -89,6 +89,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "RATELIMIT_STORAGE_URI": env.get("REDIS_URL") or "memory://",
         # Sidecar: failed link lookups allowed per address before 429; proxies in front (X-Forwarded-For).
         "LINK_GUESS_LIMIT": env.get("SOFTGOODS_LINK_GUESS_LIMIT") or "20 per minute",
+        # Shared by every worker of this host (a SQLite file) or, with REDIS_URL, by every host.
+        "LINK_GUESS_STORAGE_URI": env.get("REDIS_URL") or f"sqlite:///{instance_dir / 'link-guesses.sqlite'}",
         "RATELIMIT_KEY_PREFIX": env.get("SOFTGOODS_RATELIMIT_PREFIX") or "softgoods",
         "PROXY_COUNT": _int(env, "SOFTGOODS_PROXY_COUNT", 0),
         # 0 sends every file request through the Flask view and the ORM (sidecar/fast_files.py).

@@ -47,6 +47,11 @@ def register_extensions(app: Flask) -> None:
     db.init_app(app)
     csrf.init_app(app)
     limiter.init_app(app)
+    if app.config.get("RATELIMIT_ENABLED", True):
+        from app.downloads.guess_limit import GuessLimit
+
+        app.extensions["softgoods_guess_limit"] = GuessLimit(
+            app.config["LINK_GUESS_STORAGE_URI"], app.config["LINK_GUESS_LIMIT"], app.config["RATELIMIT_KEY_PREFIX"])
     metrics.init(Path(app.config["INSTANCE_DIR"]) / "sidecar-metrics")
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         from sidecar import sqlite_writers

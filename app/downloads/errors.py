@@ -11,6 +11,7 @@ class DeliveryRefused(Exception):
     status = 400
     message = "This request cannot be served."
     advice = ""
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str | None = None, *, advice: str | None = None):
         super().__init__(message or self.message)
@@ -25,6 +26,18 @@ class LinkNotFound(DeliveryRefused):
     message = "This download link is not valid."
     advice = ("Check that you copied the whole link from your email, or sign in to the shop "
               "and open My downloads.")
+
+
+class TooManyGuesses(DeliveryRefused):
+    """Too many failed link lookups from one address (only failures count: a good link still opens)."""
+
+    status = 429
+    message = "Too many attempts from your address."
+    advice = "Please wait a minute and try again."
+
+    def __init__(self, retry_after: int):
+        super().__init__()
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class LinkRevoked(DeliveryRefused):
