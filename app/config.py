@@ -114,6 +114,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "WATCH_OUTBOX_SECONDS": _int(env, "SOFTGOODS_WATCH_OUTBOX_SECONDS", 60),
         "REHASH_BYTES_PER_SECOND": _int(env, "SOFTGOODS_REHASH_BYTES_PER_SECOND", 20 * 1024 * 1024),
         "REHASH_EVERY_SECONDS": _int(env, "SOFTGOODS_REHASH_EVERY_SECONDS", 7 * 86400),
+        # The sidecar re-indexes a file it finds changed on disk at this pace (0: leave it to the watcher).
+        "REINDEX_BYTES_PER_SECOND": _int(env, "SOFTGOODS_REINDEX_BYTES_PER_SECOND", 100 * 1024 * 1024),
         # The file manager imports only from below this server folder (never from anywhere on disk).
         "IMPORT_DIR": str(Path(env.get("SOFTGOODS_IMPORT_DIR") or instance_dir / "import").resolve()),
         "MAX_CONTENT_LENGTH": _int(env, "SOFTGOODS_MAX_UPLOAD_BYTES", 2 * 1024 * 1024 * 1024),

@@ -52,6 +52,10 @@ def register_extensions(app: Flask) -> None:
 
         app.extensions["softgoods_guess_limit"] = GuessLimit(
             app.config["LINK_GUESS_STORAGE_URI"], app.config["LINK_GUESS_LIMIT"], app.config["RATELIMIT_KEY_PREFIX"])
+    if app.config["REINDEX_BYTES_PER_SECOND"] > 0:
+        from app.downloads.freshness import Reindexer
+
+        app.extensions["softgoods_reindexer"] = Reindexer(app)
     metrics.init(Path(app.config["INSTANCE_DIR"]) / "sidecar-metrics")
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
         from sidecar import sqlite_writers

@@ -15,7 +15,8 @@ from app.downloads.access import (
     OpenedGrant, choices_left, choose_entitlement, class_offer, counted_by_file, file_downloads_left, files_for_grant,
     find_file, flag_unreadable, is_class_entitlement, open_grant, public_path, real_path,
 )
-from app.downloads.errors import DeliveryRefused, FileNotFound, FileUnreadable, InvalidInput, LinkNotFound
+from app.downloads.errors import (DeliveryRefused, FileChangedOnDisk, FileNotFound, FileUnreadable, InvalidInput,
+                                  LinkNotFound)
 from app.downloads.metalink import MEDIA_TYPE, metalink_for
 from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
@@ -94,6 +95,8 @@ def _file_request(receipt: str, name: str) -> FileRequest:
         db.session.rollback()
         if isinstance(refusal, FileNotFound):
             log.warning("refused path %r from %s", name, client_address())
+        if isinstance(refusal, FileChangedOnDisk) and "softgoods_reindexer" in current_app.extensions:
+            current_app.extensions["softgoods_reindexer"].request(refusal.sku, refusal.path)
         if isinstance(refusal, FileUnreadable) and entry is not None:
             log.error("product file %s cannot be read (%s): answered 503 and flagged for the owner",
                       entry.registered_path, refusal.reason)

@@ -91,6 +91,19 @@ class FileUnreadable(FileUnavailable):
         self.reason = reason
 
 
+class FileChangedOnDisk(FileUnavailable):
+    """The file's size or mtime differ from the index: it is being replaced, and its bytes would not
+    match the listed SHA-256. The sidecar re-indexes it in the background (``freshness``)."""
+
+    message = "This file is being updated right now."
+    advice = "Please try again in a minute."
+    headers = {"Retry-After": "10"}
+
+    def __init__(self, sku: str, path: str):
+        super().__init__()
+        self.sku, self.path = sku, path
+
+
 class DigestMismatch(DeliveryRefused):
     status = 409
     message = "The SHA-256 you reported does not match the file."
