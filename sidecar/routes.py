@@ -13,10 +13,11 @@ from werkzeug.routing import PathConverter
 from app.downloads import delivery
 from app.downloads.access import (
     OpenedGrant, choices_left, choose_entitlement, class_offer, counted_by_file, file_downloads_left, files_for_grant,
-    find_file, flag_unreadable, is_class_entitlement, open_grant, public_path, real_path,
+    find_file, flag_unreadable, is_class_entitlement, open_grant, public_path, real_path, used_up,
 )
-from app.downloads.errors import (DeliveryRefused, FileChangedOnDisk, FileNotFound, FileUnreadable, InvalidInput,
-                                  LinkNotFound)
+from app.downloads.errors import (DeliveryRefused, DownloadsExhausted, FileChangedOnDisk, FileNotFound,
+                                  FileUnreadable, InvalidInput, LinkNotFound)
+from app.downloads.freshness import wait_for_closes
 from app.downloads.metalink import MEDIA_TYPE, metalink_for
 from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
@@ -115,7 +116,12 @@ def _file_request(receipt: str, name: str) -> FileRequest:
 
 @bp.route("/d/<receipt>/", methods=["GET", "HEAD"])
 def listing(receipt: str):
-    opened = _open(receipt, finishing=_finishing_any)
+    opened = _open(receipt, listing=False, finishing=_finishing_any)
+    # Every count below is read after the closes of responses that already ended (README, "Freshness").
+    wait_for_closes(db.session, opened.grant.id, current_app.config["LISTING_CLOSE_WAIT_SECONDS"])
+    db.session.expire(opened.grant, ["downloads_used"])
+    if used_up(db.session, opened.grant):
+        raise DownloadsExhausted()
     grant = opened.grant
     entries = files_for_grant(db.session, grant)
     evidence = _evidence_by_file(grant.id)

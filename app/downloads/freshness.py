@@ -1,4 +1,6 @@
-"""Serving what is on disk now, without the watcher (README, "Freshness").
+"""Answers that reflect what is true now (README, "Freshness"): listings wait a moment for the close
+of a response whose last byte already left (``wait_for_closes``), and changed files are re-indexed
+by the sidecar itself, without the watcher (``Reindexer``).
 
 A product file whose size or mtime no longer match the index answers 503 "being updated" (its bytes
 would not match the listed SHA-256). The sidecar then re-indexes that one file in the background with
@@ -23,6 +25,9 @@ from pathlib import Path
 from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from app.downloads import delivery
 
 from app.downloads.index import FileChanging, file_path, index_one
 from app.downloads.maintenance import RateLimiter, file_signature
@@ -31,7 +36,23 @@ from app.extensions import db
 
 log = logging.getLogger("softgoods.sidecar")
 MAX_PENDING = 1000  # files queued per worker; more are dropped (the next request for one queues it again)
+CLOSE_POLL_SECONDS = 0.005
 QUIET_TRIES = 30    # looks at a file that keeps changing before it is left to a later request
+
+
+def wait_for_closes(session: Session, grant_id: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds while a file request of this grant is in flight; True when one
+    was (the caller reads the grant again). The sender records a response's end only after its last
+    byte left, so a shopper who reloads the listing at once could otherwise see the count before it."""
+    deadline = time.monotonic() + timeout
+    waited = False
+    while delivery.requests_in_flight(session, grant_id):
+        session.rollback()  # the next look sees what other workers committed meanwhile
+        waited = True
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(CLOSE_POLL_SECONDS)
+    return waited
 
 
 class Reindexer:
