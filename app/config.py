@@ -116,7 +116,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "REHASH_EVERY_SECONDS": _int(env, "SOFTGOODS_REHASH_EVERY_SECONDS", 7 * 86400),
         # The sidecar re-indexes a file it finds changed on disk at this pace (0: leave it to the watcher).
         # A listing waits at most this long for the close of a file request of its link still in flight.
-        "LISTING_CLOSE_WAIT_SECONDS": _float(env, "SOFTGOODS_LISTING_CLOSE_WAIT_SECONDS", 0.5),
+        "LISTING_CLOSE_WAIT_SECONDS": _float(env, "SOFTGOODS_LISTING_CLOSE_WAIT_SECONDS", 0.1),
         "REINDEX_BYTES_PER_SECOND": _int(env, "SOFTGOODS_REINDEX_BYTES_PER_SECOND", 100 * 1024 * 1024),
         # The file manager imports only from below this server folder (never from anywhere on disk).
         "IMPORT_DIR": str(Path(env.get("SOFTGOODS_IMPORT_DIR") or instance_dir / "import").resolve()),
