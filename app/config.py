@@ -89,6 +89,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "RATELIMIT_STORAGE_URI": env.get("REDIS_URL") or "memory://",
         # Sidecar: failed link lookups allowed per address before 429; proxies in front (X-Forwarded-For).
         "LINK_GUESS_LIMIT": env.get("SOFTGOODS_LINK_GUESS_LIMIT") or "20 per minute",
+        # Shared by every worker of this host (a SQLite file) or, with REDIS_URL, by every host.
+        "LINK_GUESS_STORAGE_URI": env.get("REDIS_URL") or f"sqlite:///{instance_dir / 'link-guesses.sqlite'}",
         "RATELIMIT_KEY_PREFIX": env.get("SOFTGOODS_RATELIMIT_PREFIX") or "softgoods",
         "PROXY_COUNT": _int(env, "SOFTGOODS_PROXY_COUNT", 0),
         # 0 sends every file request through the Flask view and the ORM (sidecar/fast_files.py).
@@ -118,6 +120,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "WATCH_OUTBOX_SECONDS": _int(env, "SOFTGOODS_WATCH_OUTBOX_SECONDS", 60),
         "REHASH_BYTES_PER_SECOND": _int(env, "SOFTGOODS_REHASH_BYTES_PER_SECOND", 20 * 1024 * 1024),
         "REHASH_EVERY_SECONDS": _int(env, "SOFTGOODS_REHASH_EVERY_SECONDS", 7 * 86400),
+        # The sidecar re-indexes a file it finds changed on disk at this pace (0: leave it to the watcher).
+        # A listing waits at most this long for the close of a file request of its link still in flight.
+        "LISTING_CLOSE_WAIT_SECONDS": _float(env, "SOFTGOODS_LISTING_CLOSE_WAIT_SECONDS", 0.1),
+        "REINDEX_BYTES_PER_SECOND": _int(env, "SOFTGOODS_REINDEX_BYTES_PER_SECOND", 100 * 1024 * 1024),
         # The file manager imports only from below this server folder (never from anywhere on disk).
         "IMPORT_DIR": str(Path(env.get("SOFTGOODS_IMPORT_DIR") or instance_dir / "import").resolve()),
         "MAX_CONTENT_LENGTH": _int(env, "SOFTGOODS_MAX_UPLOAD_BYTES", 2 * 1024 * 1024 * 1024),

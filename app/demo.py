@@ -154,7 +154,8 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> bool:
 
 
 def serve(store_port: int, sidecar_port: int, env: dict[str, str], summary: str) -> int:
-    """Run the store and the sidecar until Ctrl-C (or one of them dies); stop both either way."""
+    """Run the store, the sidecar and the watcher until Ctrl-C (or one of them dies); stop them all
+    either way. The watcher keeps the index current as files change, as in a deployment."""
     gunicorn = [sys.executable, "-m", "gunicorn"]
     commands = {
         # No control sockets: both would claim the same default path in the home folder.
@@ -162,6 +163,7 @@ def serve(store_port: int, sidecar_port: int, env: dict[str, str], summary: str)
                              "wsgi:app"],
         "sidecar": gunicorn + ["-c", "sidecar/gunicorn.conf.py", "--bind", f"127.0.0.1:{sidecar_port}",
                                "--no-control-socket", "sidecar.wsgi:app"],
+        "watcher": [sys.executable, "-m", "flask", "--app", "wsgi", "softgoods", "watch"],
     }
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -174,7 +176,8 @@ def serve(store_port: int, sidecar_port: int, env: dict[str, str], summary: str)
                 return 1
         # Again after the servers' start-up logs, so the URLs and the password are the last thing shown.
         print(f"\n{summary}\nstore:     http://127.0.0.1:{store_port}/\n"
-              f"sidecar:   http://127.0.0.1:{sidecar_port}/\nCtrl-C stops both.\n", flush=True)
+              f"sidecar:   http://127.0.0.1:{sidecar_port}/\nwatcher:   re-indexes changed product files\n"
+              "Ctrl-C stops all three.\n", flush=True)
         while all(p.poll() is None for p in procs.values()):
             time.sleep(0.5)
         dead = [n for n, p in procs.items() if p.poll() is not None]

@@ -44,7 +44,8 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(DeliveryRefused)
     def refused(exc: DeliveryRefused):
-        return error_response(exc.status, exc.message, exc.advice, contact=current_app.config["SHOP_CONTACT"])
+        return error_response(exc.status, exc.message, exc.advice, exc.headers,
+                              contact=current_app.config["SHOP_CONTACT"])
 
     @app.errorhandler(InvalidInput)
     def invalid(exc: InvalidInput):

@@ -48,6 +48,15 @@ def register_extensions(app: Flask) -> None:
     db.init_app(app)
     csrf.init_app(app)
     limiter.init_app(app)
+    if app.config.get("RATELIMIT_ENABLED", True):
+        from app.downloads.guess_limit import GuessLimit
+
+        app.extensions["softgoods_guess_limit"] = GuessLimit(
+            app.config["LINK_GUESS_STORAGE_URI"], app.config["LINK_GUESS_LIMIT"], app.config["RATELIMIT_KEY_PREFIX"])
+    if app.config["REINDEX_BYTES_PER_SECOND"] > 0:
+        from app.downloads.freshness import Reindexer
+
+        app.extensions["softgoods_reindexer"] = Reindexer(app)
     metrics.init(Path(app.config["INSTANCE_DIR"]) / "sidecar-metrics")
     app.extensions[COUNTERS_EXTENSION] = metrics  # the delivery rules count through it, never importing us
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):

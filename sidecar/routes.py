@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flask import (Blueprint, Response, current_app, g, jsonify, redirect, render_template, request,
+from flask import (Blueprint, Response, current_app, jsonify, redirect, render_template, request,
                    send_file, url_for)
 from sqlalchemy import select
 from werkzeug.routing import PathConverter
@@ -13,18 +13,20 @@ from werkzeug.routing import PathConverter
 from app.downloads import delivery, proof
 from app.downloads.access import (
     OpenedGrant, choices_left, choose_entitlement, class_offer, counted_by_file, file_downloads_left, files_for_grant,
-    find_file, flag_unreadable, is_class_entitlement, open_grant, public_path, real_path,
+    find_file, flag_unreadable, is_class_entitlement, open_grant, public_path, real_path, used_up,
 )
 from app.downloads.errors import (
-    DeliveryRefused, DigestMismatch, FileNotFound, FileUnreadable, InvalidInput, LinkNotFound,
+    DeliveryRefused, DigestMismatch, DownloadsExhausted, FileChangedOnDisk, FileNotFound, FileUnreadable,
+    InvalidInput, LinkNotFound,
 )
+from app.downloads.freshness import wait_for_closes
 from app.downloads.metalink import MEDIA_TYPE, metalink_for
 from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
 from app.errors import wants_json
 from app.health import healthz_response
 from app.text_input import json_body, refuses_paths_itself
-from app.extensions import client_address, csrf, db, limiter
+from app.extensions import client_address, csrf, db
 from sidecar import metrics
 
 log = logging.getLogger("softgoods.sidecar")
@@ -46,16 +48,12 @@ def _converters(state) -> None:
     state.app.url_map.converters["anypath"] = AnyPathConverter
 
 
-def _bad_link_seen(response: Response) -> bool:
-    return bool(g.get("bad_link"))
-
-
-def link_guess_limit() -> str:
-    return current_app.config.get("LINK_GUESS_LIMIT", "20 per minute")
-
-
-# Only failed links count (deduct_when): shoppers with good links are never slowed down.
-guarded = limiter.shared_limit(link_guess_limit, scope="bad-links", deduct_when=_bad_link_seen)
+def _failed_lookup() -> None:
+    """Count a failed link lookup against this address (README, "Rate limits"): past the limit it is
+    answered 429 instead of 404. Good links never get here, so they are never refused."""
+    guesses = current_app.extensions.get("softgoods_guess_limit")
+    if guesses is not None:
+        guesses.failed_lookup(client_address())
 
 
 def _open(receipt: str, *, listing: bool = True, finishing=None) -> OpenedGrant:
@@ -63,7 +61,7 @@ def _open(receipt: str, *, listing: bool = True, finishing=None) -> OpenedGrant:
         return open_grant(db.session, current_app.config["SECRET_KEY"], receipt, client_address(),
                           listing=listing, finishing=finishing)
     except LinkNotFound:
-        g.bad_link = True
+        _failed_lookup()
         raise
 
 
@@ -101,6 +99,8 @@ def _file_request(receipt: str, name: str) -> FileRequest:
         db.session.rollback()
         if isinstance(refusal, FileNotFound):
             log.warning("refused path %r from %s", name, client_address())
+        if isinstance(refusal, FileChangedOnDisk) and "softgoods_reindexer" in current_app.extensions:
+            current_app.extensions["softgoods_reindexer"].request(refusal.sku, refusal.path)
         if isinstance(refusal, FileUnreadable) and entry is not None:
             log.error("product file %s cannot be read (%s): answered 503 and flagged for the owner",
                       entry.registered_path, refusal.reason)
@@ -118,9 +118,13 @@ def _file_request(receipt: str, name: str) -> FileRequest:
 
 
 @bp.route("/d/<receipt>/", methods=["GET", "HEAD"])
-@guarded
 def listing(receipt: str):
-    opened = _open(receipt, finishing=_finishing_any)
+    opened = _open(receipt, listing=False, finishing=_finishing_any)
+    # Every count below is read after the closes of responses that already ended (README, "Freshness").
+    wait_for_closes(db.session, opened.grant.id, current_app.config["LISTING_CLOSE_WAIT_SECONDS"])
+    db.session.expire(opened.grant, ["downloads_used"])
+    if used_up(db.session, opened.grant):
+        raise DownloadsExhausted()
     grant = opened.grant
     entries = files_for_grant(db.session, grant)
     nonces, created = proof.nonces_for(db.session, grant, entries)
@@ -172,14 +176,12 @@ def _evidence_by_file(grant_id: int) -> dict[tuple[str, str], str]:
 
 @bp.route("/d/<receipt>/f/<anypath:name>", methods=["GET", "HEAD"])
 @refuses_paths_itself  # a hostile path is a logged 404 (looks_hostile), NUL included
-@guarded
 def file(receipt: str, name: str):
     return delivery_mode().deliver(_file_request(receipt, name))
 
 
 @bp.route("/d/<receipt>/m/<anypath:name>.meta4", methods=["GET", "HEAD"])
 @refuses_paths_itself  # a hostile path is a logged 404 (looks_hostile), NUL included
-@guarded
 def metalink(receipt: str, name: str):
     opened = _open(receipt, listing=False, finishing=lambda g: _finishing(g, name))
     entry = find_file(db.session, opened.grant, name)
@@ -191,7 +193,6 @@ def metalink(receipt: str, name: str):
 
 @bp.route("/d/<receipt>/confirm", methods=["POST"])
 @csrf.exempt  # a JSON API called by the verifying client; the secret receipt in the URL is the credential
-@guarded
 def confirm(receipt: str):
     payload = json_body()
     named = payload.get("path") if isinstance(payload, dict) else None
@@ -213,7 +214,6 @@ def confirm(receipt: str):
 
 @bp.route("/d/<receipt>/choose", methods=["POST"])
 @csrf.exempt  # checked below for forms; JSON cannot be posted cross-site without a CORS preflight
-@guarded
 def choose(receipt: str):
     if not request.is_json and current_app.config.get("WTF_CSRF_ENABLED", True):
         csrf.protect()

@@ -15,8 +15,8 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from app.downloads.errors import (
-    AddressMismatch, DownloadsExhausted, FileNotFound, FileUnavailable, FileUnreadable, InvalidInput, LinkExpired,
-    LinkNotFound, LinkRevoked,
+    AddressMismatch, DownloadsExhausted, FileChangedOnDisk, FileNotFound, FileUnreadable, InvalidInput,
+    LinkExpired, LinkNotFound, LinkRevoked,
 )
 from app.downloads.models import PACKAGES_SKU, Delivery, EntitlementChoice, FileEntry, UserDownload
 from app.downloads.receipts import Receipt, address_tag, key_matches, read_receipt
@@ -170,7 +170,7 @@ def real_path(download_dir: str, entry: FileEntry) -> Path:
     """The entry's file on disk, guaranteed inside DOWNLOAD_DIR/<SKU>/ (symlinks resolved).
 
     FileNotFound when a link leads out of the tree; FileUnreadable when the file is gone (or a link
-    dangles); FileUnavailable when it differs from what was indexed (being replaced: never serve
+    dangles); FileChangedOnDisk when it differs from what was indexed (being replaced: never serve
     bytes that do not match the listed SHA-256).
     """
     # os.path.realpath on strings: what Path.resolve does, for a fraction of the CPU (every file GET).
@@ -183,8 +183,7 @@ def real_path(download_dir: str, entry: FileEntry) -> Path:
     except OSError as exc:
         raise FileUnreadable(unreadable_reason(exc)) from None
     if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
-        raise FileUnavailable("This file is being updated right now.",
-                              advice="Please try again in a few minutes.")
+        raise FileChangedOnDisk(entry.sku, entry.path)
     return Path(full)
 
 

@@ -647,3 +647,12 @@ def release_stale_deliveries(session: Session, now: datetime | None = None) -> i
             released += 1
         session.flush()
     return released
+
+
+def requests_in_flight(session: Session, grant_id: int, now: datetime | None = None) -> bool:
+    """Whether a file request of this grant may still be sending, or has sent its last byte and its
+    close is not yet recorded (the listing waits a moment for those: README, "Freshness")."""
+    now = now or utcnow()
+    open_deliveries = session.scalars(select(Delivery).where(Delivery.grant_id == grant_id,
+                                                             Delivery.open_ranges != "[]"))
+    return any(_live_in_flight(d, now) for d in open_deliveries)

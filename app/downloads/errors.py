@@ -11,6 +11,7 @@ class DeliveryRefused(Exception):
     status = 400
     message = "This request cannot be served."
     advice = ""
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str | None = None, *, advice: str | None = None):
         super().__init__(message or self.message)
@@ -25,6 +26,18 @@ class LinkNotFound(DeliveryRefused):
     message = "This download link is not valid."
     advice = ("Check that you copied the whole link from your email, or sign in to the shop "
               "and open My downloads.")
+
+
+class TooManyGuesses(DeliveryRefused):
+    """Too many failed link lookups from one address (only failures count: a good link still opens)."""
+
+    status = 429
+    message = "Too many attempts from your address."
+    advice = "Please wait a minute and try again."
+
+    def __init__(self, retry_after: int):
+        super().__init__()
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class LinkRevoked(DeliveryRefused):
@@ -76,6 +89,19 @@ class FileUnreadable(FileUnavailable):
     def __init__(self, reason: str):
         super().__init__()
         self.reason = reason
+
+
+class FileChangedOnDisk(FileUnavailable):
+    """The file's size or mtime differ from the index: it is being replaced, and its bytes would not
+    match the listed SHA-256. The sidecar re-indexes it in the background (``freshness``)."""
+
+    message = "This file is being updated right now."
+    advice = "Please try again in a minute."
+    headers = {"Retry-After": "10"}
+
+    def __init__(self, sku: str, path: str):
+        super().__init__()
+        self.sku, self.path = sku, path
 
 
 class DigestMismatch(DeliveryRefused):

@@ -52,8 +52,9 @@ class Digest:
     piece_hashes: str
 
 
-def hash_file(path: str | os.PathLike) -> Digest:
-    """Whole-file and per-piece SHA-256 in one pass; stat before and after to catch a file being written."""
+def hash_file(path: str | os.PathLike, pace: Callable[[int], object] | None = None) -> Digest:
+    """Whole-file and per-piece SHA-256 in one pass; stat before and after to catch a file being written.
+    ``pace(n)`` after each block read keeps a background job to its byte rate."""
     # O_NOFOLLOW: a file swapped for a link after the rule's check is refused, not hashed.
     with open(open_product_file(os.fspath(path)), "rb") as fh:
         before = os.fstat(fh.fileno())
@@ -69,6 +70,8 @@ def hash_file(path: str | os.PathLike) -> Digest:
                 break
             chunk = view[:n]
             whole.update(chunk)
+            if pace is not None:
+                pace(n)
             while chunk:
                 take = min(len(chunk), piece_size - filled)
                 piece.update(chunk[:take])
@@ -228,15 +231,17 @@ def _hash_all(download_dir: Path, todo: list[tuple[str, str, int]], total_bytes:
         yield from pool.map(_hash_one, paths, chunksize=1)
 
 
-def index_one(session: Session, download_dir: str | Path, sku: str, rel: str) -> FileEntry | None:
-    """Re-index a single file (the watcher's unit of work); marks it missing when it is gone."""
+def index_one(session: Session, download_dir: str | Path, sku: str, rel: str,
+              pace: Callable[[int], object] | None = None) -> FileEntry | None:
+    """Re-index a single file (the watcher's and the sidecar's unit of work); marks it missing when it
+    is gone. ``pace``: see ``hash_file``."""
     entry = session.scalar(select(FileEntry).where(FileEntry.sku == sku, FileEntry.path == rel))
     full = product_file_path(download_dir, sku, rel)
     if full is None:  # gone, or not a product file (a link out of the folder): never indexed
         if entry is not None:
             entry.missing = True
         return entry
-    digest = hash_file(full)
+    digest = hash_file(full, pace)
     if entry is None:
         entry = FileEntry(sku=sku, path=rel)
         session.add(entry)

@@ -1,4 +1,5 @@
 """The README's first command: ``scripts/demo`` prepares an instance and runs store and sidecar."""
+import hashlib
 import os
 import re
 import signal
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +51,37 @@ def test_demo_prepares_products_files_and_an_owner_idempotently(backend_name, tm
         db.engine.dispose()
 
 
+def watchers_of(tmp_path) -> list[int]:
+    """Live `softgoods watch` processes of this demo instance (found by their environment)."""
+    instance = f"SOFTGOODS_INSTANCE_DIR={tmp_path / 'instance'}".encode()
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            environ = (proc_dir / "environ").read_bytes().split(b"\0")
+            state = (proc_dir / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if b"watch" in cmdline and b"softgoods" in cmdline and instance in environ and state != "Z":
+            found.append(int(proc_dir.name))
+    return found
+
+
+def indexed_sha256(tmp_path, path: str, wait_for: str, timeout: float = 20) -> bool:
+    """Whether the index records ``wait_for`` as the file's SHA-256 within ``timeout`` (the watcher's work)."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sqlite3.connect(tmp_path / "instance" / "softgoods.db") as conn:
+            row = conn.execute("SELECT sha256 FROM file_entries WHERE sku = 'MANUAL' AND path = ?", (path,)).fetchone()
+        conn.close()
+        if row and row[0] == wait_for:
+            return True
+        time.sleep(0.3)
+    return False
+
+
 @pytest.mark.backends("sqlite")
 def test_demo_serves_store_and_sidecar_until_interrupted(backend_name, tmp_path):
     store_port, sidecar_port = free_port(), free_port()
@@ -63,15 +96,20 @@ def test_demo_serves_store_and_sidecar_until_interrupted(backend_name, tmp_path)
             if not line:
                 break
             output.append(line)
-            if line.startswith("Ctrl-C stops both"):
+            if line.startswith("Ctrl-C stops"):
                 break
         text = "".join(output)
         assert f"store:     http://127.0.0.1:{store_port}/" in text, text[-2000:]
         catalog = urllib.request.urlopen(f"http://127.0.0.1:{store_port}/", timeout=10).read().decode()
         assert "The Complete Field Manual" in catalog
         assert urllib.request.urlopen(f"http://127.0.0.1:{sidecar_port}/healthz", timeout=10).status == 200
+        assert watchers_of(tmp_path), "the demo runs the watcher"
+        edited = tmp_path / "instance" / "downloads" / "MANUAL" / "ch1" / "intro.pdf"
+        edited.write_bytes(b"%PDF-1.4 second edition\n")
+        assert indexed_sha256(tmp_path, "ch1/intro.pdf", wait_for=hashlib.sha256(edited.read_bytes()).hexdigest())
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(30) == 0
+        assert not watchers_of(tmp_path)  # stopped with the rest
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
