@@ -69,7 +69,7 @@ def cart_lines(session: Session, cart: dict[str, int]) -> list[Line]:
 
 
 def lines_total(lines: list[Line]) -> int:
-    return sum(line.product.price_cents * line.quantity for line in lines)
+    return sum(line.unit_price * line.quantity for line in lines)
 
 
 def item_count(cart: dict[str, int]) -> int:

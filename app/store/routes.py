@@ -16,6 +16,7 @@ from app.downloads.models import FileEntry
 from app.health import healthz_response
 from app.extensions import client_address, db, limiter
 from app.mail import deliver, order_links
+from app.sizes import format_size
 from app.store import cart as cart_rules
 from app.store.catalog import for_sale
 from app.store.checkout import after_race, check_token, checkout, new_checkout_token
@@ -27,6 +28,7 @@ log = logging.getLogger("softgoods.store")
 
 REMEMBERED_ORDERS = 20  # thank-you pages this browser may open again
 bp.add_app_template_global(format_money)
+bp.add_app_template_filter(format_size, "filesize")  # the owner pages use it too
 
 
 FORM_BLUEPRINTS = ("store", "accounts")
