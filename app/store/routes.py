@@ -19,7 +19,7 @@ from app.mail import deliver, order_links
 from app.sizes import format_size
 from app.store import cart as cart_rules
 from app.store.catalog import for_sale
-from app.store.checkout import after_race, check_token, checkout, new_checkout_token
+from app.store.checkout import after_race, check_token, checkout, new_checkout_token, shown_total_field
 from app.store.models import Order, Product, format_money
 from app.store.payments import gateway_for, read_card
 
@@ -106,9 +106,11 @@ def cart_remove():
 
 
 def _checkout_page(lines, *, token: str, email: str, error: str | None = None, status: int = 200):
-    return render_template("store/checkout.html", lines=lines, total=format_money(cart_rules.lines_total(lines)),
-                           total_cents=cart_rules.lines_total(lines), token=token, email=email,
-                           error=error), status
+    total_cents = cart_rules.lines_total(lines)
+    currency = lines[0].product.currency if lines else "USD"
+    return render_template("store/checkout.html", lines=lines, total=format_money(total_cents, currency),
+                           total_cents=total_cents, shown_total=shown_total_field(total_cents, currency),
+                           token=token, email=email, error=error), status
 
 
 @bp.get("/checkout")
@@ -135,7 +137,8 @@ def checkout_submit():
             card = read_card(form.get("card_number", ""), form.get("expiry", ""), form.get("cvc", ""))
         user = current_user._get_current_object() if current_user.is_authenticated else None
         result = checkout(db.session, gateway_for(current_app.config), lines=lines, email=email, card=card,
-                          checkout_token=token, user=user, client_ip=client_address())
+                          checkout_token=token, shown_total=form.get("shown_total", ""), user=user,
+                          client_ip=client_address())
         db.session.commit()
     except IntegrityError as exc:
         result = after_race(db.session, exc, token)
