@@ -80,6 +80,17 @@ def can_manage(user: User | None, package: Package) -> bool:
     return any(m.user_id == user.id for m in package.managers)
 
 
+SHELL = "shell"  # the operator at the server's command line: trusted like an admin
+
+
+def check_may_sell(actor: User | str | None, package: Package) -> None:
+    """Only a package's managers (and admins, and the shell) may put it in a product or change such a
+    product: otherwise an owner refused on the package could sell it for $0."""
+    if actor != SHELL and not can_manage(actor if isinstance(actor, User) else None, package):
+        raise InvalidInput(f"only the managers of package {package.name} (and administrators) may sell it "
+                           "or change a product that sells it", status=403)
+
+
 def _check_lifetime(lifetime_days: int | None) -> None:
     if lifetime_days is not None and not 1 <= lifetime_days <= MAX_LIFETIME_DAYS:
         raise InvalidInput(f"lifetime must be between 1 and {MAX_LIFETIME_DAYS} days")

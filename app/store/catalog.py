@@ -6,9 +6,10 @@ from decimal import Decimal, InvalidOperation
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.accounts.models import User
 from app.downloads.errors import InvalidInput
 from app.downloads.models import Package
-from app.downloads.packages import on_sale
+from app.downloads.packages import check_may_sell, on_sale
 from app.store.models import SKU_PATTERN, Product
 
 MAX_PRICE_CENTS = 100_000_000  # one million in the shop's currency
@@ -45,7 +46,9 @@ def check_sku(sku: str) -> str:
 def add_product(session: Session, *, sku: str, name: str, price: str | int | Decimal,
                 description: str = "", max_downloads: int | None = 5, link_days: int = 7,
                 content_class: str | None = None, entitlement_class: str | None = None,
-                entitlement_count: int | None = None, package_name: str | None = None) -> Product:
+                entitlement_count: int | None = None, package_name: str | None = None,
+                attached_by: User | str | None = None) -> Product:
+    """``attached_by``: who sells ``package_name`` (a User, or ``packages.SHELL`` for the command line)."""
     check_sku(sku)
     name = (name or "").strip()
     if not name or len(name) > 200:
@@ -69,6 +72,7 @@ def add_product(session: Session, *, sku: str, name: str, price: str | int | Dec
         package = session.scalar(select(Package).where(Package.name == package_name))
         if package is None:
             raise InvalidInput(f"no package named {package_name!r}")
+        check_may_sell(attached_by, package)
     product = Product(sku=sku, name=name, description=description or "", price_cents=price_cents,
                       max_downloads=max_downloads, link_days=link_days, content_class=content_class,
                       entitlement_class=entitlement_class, entitlement_count=entitlement_count,

@@ -5,6 +5,7 @@ import click
 
 from app.cli import audit, fail, run_rule
 from app.downloads.grants import grant_downloads
+from app.downloads.packages import SHELL
 from app.extensions import db
 from app.store.catalog import add_product
 from app.store.models import Product
@@ -52,7 +53,8 @@ def register(group: click.Group) -> None:
         product = run_rule(add_product, db.session, sku=sku, name=name, price=price, description=description,
                            max_downloads=5 if limit is False else limit, link_days=days,
                            content_class=content_class, entitlement_class=ent_class,
-                           entitlement_count=ent_count, package_name=package_name)
+                           entitlement_count=ent_count, package_name=package_name,
+                           attached_by=SHELL)
         audit("product.add", f"product {product.sku}", f"{product.name} at {product.price_display}")
         db.session.commit()
         click.echo(f"product {product.sku} added: {product.name} at {product.price_display}")
