@@ -175,12 +175,17 @@ def package_rebuild(name: str):
 def package_delete(name: str):
     package = _managed(name)
     if not confirmed():
+        selling = [p.sku for p in rules.products_selling(db.session, package)]
+        products = (f" Product(s) {', '.join(selling)} sell it: deleting it withdraws them from sale. To keep "
+                    "selling them, cancel and attach another package to them on the products page first."
+                    if selling else "")
         return confirm_page(f"Delete package {name}?",
                             f"Package {name} and its ZIP will be deleted. Its {len(package.files)} original "
-                            "file(s) stay in the file manager.",
+                            "file(s) stay in the file manager." + products,
                             url_for("admin.package_delete", name=name), url_for("admin.package_edit", name=name))
-    rules.delete_package(db.session, download_dir(), package)
-    audit("package.delete", f"package {name}")
+    withdrawn = rules.delete_package(db.session, download_dir(), package)
+    audit("package.delete", f"package {name}", f"withdrew {', '.join(withdrawn)}" if withdrawn else "")
     db.session.commit()
-    flash(f"Package {name} deleted; its original files stay.", "success")
+    flash(f"Package {name} deleted; its original files stay."
+          + (f" Withdrawn from sale: {', '.join(withdrawn)}." if withdrawn else ""), "success")
     return redirect(url_for("admin.packages"))

@@ -12,7 +12,7 @@ from app.downloads.errors import InvalidInput
 from app.downloads.packages import check_may_sell
 from app.downloads.models import Package
 from app.extensions import db
-from app.store.catalog import add_product, parse_price
+from app.store.catalog import add_product, parse_price, sale_blockers
 from app.store.models import Product
 
 
@@ -64,7 +64,8 @@ def update_product(session: Session, product: Product, form, user: User) -> None
 def products():
     items = list(db.session.scalars(select(Product).order_by(Product.sku)))
     packages = list(db.session.scalars(select(Package.name).order_by(Package.name)))
-    return render_template("admin/products.html", title="Products", products=items, packages=packages)
+    return render_template("admin/products.html", title="Products", products=items, packages=packages,
+                           blockers=sale_blockers(db.session, items))
 
 
 @bp.post("/products/new")

@@ -99,7 +99,10 @@ def register(group: click.Group) -> None:
     def delete(name: str) -> None:
         """Delete the package and its ZIP (the original files stay)."""
         pkg = run_rule(rules.get_package, db.session, name)
-        rules.delete_package(db.session, current_app.config["DOWNLOAD_DIR"], pkg)
-        _audit("package.delete", name)
+        withdrawn = rules.delete_package(db.session, current_app.config["DOWNLOAD_DIR"], pkg)
+        _audit("package.delete", name, f"withdrew {', '.join(withdrawn)}" if withdrawn else "")
         db.session.commit()
         click.echo(f"package {name} deleted")
+        for sku in withdrawn:
+            click.echo(f"product {sku} withdrawn from sale: it sold package {name}; attach another package "
+                       f"or files and put it on sale again in the owner pages")

@@ -22,7 +22,7 @@ from app.accounts.models import User
 from app.downloads.errors import InvalidInput
 from app.downloads.index import index_one
 from app.downloads.models import PACKAGES_SKU, FileEntry, Package, PackageFile, PackageManager
-from app.store.models import SKU_PATTERN
+from app.store.models import SKU_PATTERN, Product
 from app.timeutil import utcnow
 
 NAME_PATTERN = SKU_PATTERN  # same alphabet as SKUs: safe as a file name, never ".." or hidden
@@ -275,11 +275,21 @@ def _remove_zip(session: Session, download_dir: str | Path, name: str) -> None:
     session.execute(delete(FileEntry).where(FileEntry.sku == PACKAGES_SKU, FileEntry.path == f"{name}.zip"))
 
 
-def delete_package(session: Session, download_dir: str | Path, package: Package) -> None:
-    """The record and its ZIP; the original files belong to the file manager and stay."""
+def products_selling(session: Session, package: Package) -> list[Product]:
+    return list(session.scalars(select(Product).where(Product.package_id == package.id).order_by(Product.sku)))
+
+
+def delete_package(session: Session, download_dir: str | Path, package: Package) -> list[str]:
+    """The record and its ZIP; the original files belong to the file manager and stay. Products that sold
+    it are withdrawn from sale (nothing would be left to deliver); returns their SKUs."""
+    withdrawn = []
+    for product in products_selling(session, package):
+        product.active, product.package = False, None
+        withdrawn.append(product.sku)
     _remove_zip(session, download_dir, package.name)
     session.delete(package)
     session.flush()
+    return withdrawn
 
 
 def expired_packages(session: Session, today: date) -> list[Package]:

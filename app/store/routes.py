@@ -18,7 +18,7 @@ from app.extensions import client_address, db, limiter
 from app.mail import deliver, order_links
 from app.sizes import format_size
 from app.store import cart as cart_rules
-from app.store.catalog import for_sale
+from app.store.catalog import sale_blockers
 from app.store.checkout import after_race, check_token, checkout, new_checkout_token, shown_total_field
 from app.store.models import Order, Product, format_money
 from app.store.payments import gateway_for, read_card
@@ -64,14 +64,17 @@ def healthz():
 @bp.get("/")
 def catalog():
     products = db.session.scalars(select(Product).where(Product.active).order_by(Product.name)).all()
-    return render_template("store/catalog.html", products=[p for p in products if for_sale(p)])
+    blockers = sale_blockers(db.session, products)
+    return render_template("store/catalog.html", products=[p for p in products if blockers[p.id] is None])
 
 
 @bp.get("/p/<sku>")
 def product(sku: str):
     item = db.session.scalar(select(Product).where(Product.sku == sku, Product.active))
-    if item is None or not for_sale(item):
+    if item is None:
         abort(404, description=f"There is no product {sku!r} in this shop.")
+    if sale_blockers(db.session, [item])[item.id] is not None:  # known, but nothing to deliver now
+        return render_template("store/product.html", product=item, files=[], unavailable=True), 404
     files = db.session.scalars(select(FileEntry).where(FileEntry.sku == item.sku, FileEntry.missing.is_(False))
                                .order_by(FileEntry.path)).all()
     return render_template("store/product.html", product=item, files=files)
