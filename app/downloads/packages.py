@@ -47,6 +47,15 @@ class BuildFailed(Exception):
 class BuildResult:
     ok: bool
     error: str | None = None
+    left_out: tuple[str, ...] = ()  # sources deleted since they were assigned: taken out of the package
+
+    @property
+    def notice(self) -> str:
+        """What the owner must be told beside "done" (empty when nothing was left out)."""
+        if not self.left_out:
+            return ""
+        return (f"left out {len(self.left_out)} file(s) deleted from the download folder: "
+                + ", ".join(self.left_out))
 
 
 def packages_dir(download_dir: str | Path) -> Path:
@@ -222,25 +231,36 @@ def build_zip(session: Session, download_dir: str | Path, package: Package) -> B
     recorded on the package (``build_error``) and returned.
     """
     target = zip_path(download_dir, package.name)
+    # A source deleted since it was assigned leaves the package at this build (Download Manager design):
+    # the record and the ZIP keep agreeing, and the result tells the owner which files went.
+    gone = [pf for pf in package.files if not (Path(download_dir) / pf.file_path).is_file()]
+    for pf in gone:
+        package.files.remove(pf)
+    left_out = tuple(pf.file_path for pf in gone)
     if not package.files:
         _remove_zip(session, download_dir, package.name)
         package.built_at, package.build_error = None, None
         session.flush()
-        return BuildResult(True)
+        return BuildResult(True, left_out=left_out)
     members = [(pf.file_path, Path(download_dir) / pf.file_path) for pf in package.files]
     try:
         write_zip(target, members)
     except BuildFailed as exc:
-        package.build_error = f"ZIP not rebuilt, the previous one is kept: {exc}"
-        session.flush()
-        return BuildResult(False, package.build_error)
+        # The caller rolls back (add/remove change nothing) or records build_error (a rebuild says why).
+        return BuildResult(False, f"ZIP not rebuilt, the previous one is kept: {exc}")
     # No autoflush while the new ZIP is hashed: on SQLite a pending write would hold the database's write
     # lock for the whole hash, and the sidecar's download log would wait behind it.
     with session.no_autoflush:
         index_one(session, download_dir, PACKAGES_SKU, target.name)
     package.built_at, package.build_error = utcnow(), None
     session.flush()
-    return BuildResult(True)
+    return BuildResult(True, left_out=left_out)
+
+
+def record_build_error(session: Session, package: Package, result: BuildResult) -> None:
+    """After a failed rebuild was rolled back: only the reason is kept, so the owner sees it in the list."""
+    package.build_error = result.error
+    session.flush()
 
 
 def add_files(session: Session, download_dir: str | Path, package: Package, files: Sequence[str]) -> BuildResult:
