@@ -123,6 +123,7 @@ def _apply(entry: FileEntry, digest: Digest, path: str) -> None:
     entry.indexed_at = utcnow()
     entry.missing = False
     entry.flagged = None
+    entry.acknowledged_at = None
 
 
 @dataclass
@@ -172,7 +173,7 @@ def index_files(session: Session, download_dir: str | Path,
     seen = set(on_disk)
     for key, entry in existing.items():
         if key not in seen and not entry.missing:
-            entry.missing = True
+            entry.missing, entry.acknowledged_at = True, None  # newly gone: the owner must hear of it
             report.removed.append(entry.registered_path)
     session.flush()
     return report
@@ -200,8 +201,8 @@ def index_one(session: Session, download_dir: str | Path, sku: str, rel: str) ->
     entry = session.scalar(select(FileEntry).where(FileEntry.sku == sku, FileEntry.path == rel))
     full = file_path(download_dir, sku, rel)
     if not full.is_file():
-        if entry is not None:
-            entry.missing = True
+        if entry is not None and not entry.missing:
+            entry.missing, entry.acknowledged_at = True, None  # newly gone: the owner must hear of it
         return entry
     digest = hash_file(full)
     if entry is None:
