@@ -25,6 +25,7 @@ from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
 from app.errors import wants_json
 from app.health import healthz_response
+from app.sizes import format_size
 from app.text_input import json_body, refuses_paths_itself
 from app.extensions import client_address, csrf, db
 from sidecar import metrics
@@ -253,10 +254,4 @@ def prometheus():
     return Response(metrics.render(db.session), mimetype="text/plain; version=0.0.4")
 
 
-@bp.app_template_filter("filesize")
-def filesize(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
+bp.add_app_template_filter(format_size, "filesize")

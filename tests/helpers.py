@@ -12,6 +12,7 @@ from flask import Flask
 
 from app.downloads.grants import grant_downloads
 from app.downloads.index import index_files
+from app.downloads.packages import SHELL
 from app.extensions import db
 from app.store.catalog import add_product
 from app.store.orders import Line, create_order
@@ -37,6 +38,8 @@ def make_product(app: Flask, sku: str, files: dict[str, int | bytes] | None = No
         if files:
             write_files(app.config["DOWNLOAD_DIR"], sku, files)
             index_files(db.session, app.config["DOWNLOAD_DIR"])
+        if options.get("package_name"):
+            options.setdefault("attached_by", SHELL)
         product = add_product(db.session, sku=sku, name=name or f"Product {sku}", price=price, **options)
         db.session.commit()
         return product.id

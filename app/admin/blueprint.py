@@ -57,13 +57,3 @@ def refuse(exc: InvalidInput, back: str):
     return redirect(back)
 
 
-@bp.app_template_filter("admin_size")
-def human_size(size: int | None) -> str:
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"

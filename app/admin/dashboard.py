@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from flask import render_template
+from flask import abort, flash, redirect, render_template, url_for
 from sqlalchemy import func, or_, select
 
-from app.admin.blueprint import bp
+from app.admin.blueprint import audit, bp
 from app.downloads.models import PACKAGES_SKU, Delivery, FileEntry
 from app.extensions import db
 from app.store.models import Order, format_money
@@ -58,9 +58,23 @@ def sales_summary() -> dict[str, str | int]:
 @bp.get("/")
 def dashboard():
     flagged = list(db.session.scalars(select(FileEntry).where(
-        FileEntry.sku != PACKAGES_SKU, or_(FileEntry.flagged.is_not(None), FileEntry.missing.is_(True)))
+        FileEntry.sku != PACKAGES_SKU, FileEntry.acknowledged_at.is_(None),
+        or_(FileEntry.flagged.is_not(None), FileEntry.missing.is_(True)))
         .order_by(FileEntry.sku, FileEntry.path).limit(100)))
     bars = deliveries_per_day()
     peak = max([b.total for b in bars] + [1])
     return render_template("admin/dashboard.html", title="Dashboard", sales=sales_summary(), bars=bars,
                            peak=peak, kinds=EVIDENCE_KINDS, flagged=flagged)
+
+
+@bp.post("/flags/<int:entry_id>/acknowledge")
+def acknowledge_flag(entry_id: int):
+    """The owner has seen a flagged or missing file: off the dashboard until its state changes again."""
+    entry = db.session.get(FileEntry, entry_id)
+    if entry is None or (entry.flagged is None and not entry.missing):
+        abort(404, "There is no such flagged file.")
+    entry.acknowledged_at = utcnow()
+    audit("file.acknowledge", entry.registered_path[:200], entry.flagged or "missing on disk")
+    db.session.commit()
+    flash(f"{entry.registered_path}: acknowledged.", "success")
+    return redirect(url_for("admin.dashboard"))

@@ -1,7 +1,6 @@
 """The download log with filters (order, address, status), CSV export and shared-link warnings."""
 from __future__ import annotations
 
-import csv
 import io
 from typing import Iterator
 
@@ -12,6 +11,7 @@ from app.downloads.errors import InvalidInput
 from app.downloads.grant_actions import SHARED_LINK_ADDRESSES, shared_links
 from app.downloads.models import DownloadLog
 from app.admin.blueprint import bp
+from app.admin.spreadsheet import defuse, safe_writer
 from app.extensions import db
 
 PAGE = 200
@@ -42,22 +42,16 @@ def download_log():
                            shared=shared_links(db.session), shared_threshold=SHARED_LINK_ADDRESSES)
 
 
-def _csv_cell(value) -> str:
-    text = "" if value is None else str(value)
-    # A cell starting with = + - @ is run as a formula by spreadsheets: defuse it.
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-
-
 @bp.get("/log.csv")
 def download_log_csv():
     query, _ = _filtered()
 
     def generate() -> Iterator[str]:
         buf = io.StringIO()
-        writer = csv.writer(buf)
+        writer = safe_writer(buf)
         writer.writerow(CSV_COLUMNS)
         for row in db.session.scalars(query.execution_options(yield_per=1000)):
-            writer.writerow([_csv_cell(row.at.isoformat() if c == "at" else getattr(row, c)) for c in CSV_COLUMNS])
+            writer.writerow([defuse(row.at.isoformat() if c == "at" else getattr(row, c)) for c in CSV_COLUMNS])
             if buf.tell() > 64_000:
                 yield buf.getvalue()
                 buf.seek(0)

@@ -53,6 +53,8 @@ def _managed(name: str) -> Package:
 def _report(result: rules.BuildResult, done: str) -> None:
     if result.ok:
         flash(done, "success")
+        if result.notice:
+            flash(result.notice[0].upper() + result.notice[1:] + ".", "info")
     else:
         flash(result.error or "the ZIP could not be built", "error")
 
@@ -136,6 +138,8 @@ def _change_files(name: str, change: Callable, action: str, done: Callable[[Pack
         package = _managed(name)
         try:
             result = change(db.session, download_dir(), package, files)
+            if not result.ok:  # all or nothing: the files stay as they were, and so does the old ZIP
+                return refuse(InvalidInput(result.error or "the ZIP could not be built", status=507), back)
             audit(action, f"package {name}", " ".join(files))
             db.session.commit()
         except InvalidInput as exc:
@@ -165,6 +169,9 @@ def package_remove(name: str):
 def package_rebuild(name: str):
     package = _managed(name)
     result = rules.build_zip(db.session, download_dir(), package)
+    if not result.ok:
+        db.session.rollback()
+        rules.record_build_error(db.session, _managed(name), result)
     audit("package.rebuild", f"package {name}")
     db.session.commit()
     _report(result, "The ZIP was rebuilt.")
@@ -175,12 +182,17 @@ def package_rebuild(name: str):
 def package_delete(name: str):
     package = _managed(name)
     if not confirmed():
+        selling = [p.sku for p in rules.products_selling(db.session, package)]
+        products = (f" Product(s) {', '.join(selling)} sell it: deleting it withdraws them from sale. To keep "
+                    "selling them, cancel and attach another package to them on the products page first."
+                    if selling else "")
         return confirm_page(f"Delete package {name}?",
                             f"Package {name} and its ZIP will be deleted. Its {len(package.files)} original "
-                            "file(s) stay in the file manager.",
+                            "file(s) stay in the file manager." + products,
                             url_for("admin.package_delete", name=name), url_for("admin.package_edit", name=name))
-    rules.delete_package(db.session, download_dir(), package)
-    audit("package.delete", f"package {name}")
+    withdrawn = rules.delete_package(db.session, download_dir(), package)
+    audit("package.delete", f"package {name}", f"withdrew {', '.join(withdrawn)}" if withdrawn else "")
     db.session.commit()
-    flash(f"Package {name} deleted; its original files stay.", "success")
+    flash(f"Package {name} deleted; its original files stay."
+          + (f" Withdrawn from sale: {', '.join(withdrawn)}." if withdrawn else ""), "success")
     return redirect(url_for("admin.packages"))

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from flask import abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.admin.blueprint import audit, bp, refuse
+from app.accounts.models import User
 from app.downloads.errors import InvalidInput
+from app.downloads.packages import check_may_sell
 from app.downloads.models import Package
 from app.extensions import db
-from app.store.catalog import add_product, parse_price
+from app.store.catalog import add_product, parse_price, sale_blockers
 from app.store.models import Product
 
 
@@ -39,7 +42,7 @@ def _package(session: Session, name: str | None) -> Package | None:
     return package
 
 
-def update_product(session: Session, product: Product, form) -> None:
+def update_product(session: Session, product: Product, form, user: User) -> None:
     """The editable attributes of a product; the SKU (its folder) never changes."""
     name = (form.get("name") or "").strip()
     if not name or len(name) > 200:
@@ -47,7 +50,10 @@ def update_product(session: Session, product: Product, form) -> None:
     product.price_cents = parse_price(form.get("price", ""))
     product.max_downloads = _limit(form.get("max_downloads"))
     product.link_days = _days(form.get("link_days"))
-    product.package = _package(session, form.get("package"))
+    package = _package(session, form.get("package"))
+    for sold in {product.package, package} - {None}:
+        check_may_sell(user, sold)
+    product.package = package
     product.name = name
     product.description = (form.get("description") or "").strip()
     product.active = form.get("active") == "yes"
@@ -58,7 +64,8 @@ def update_product(session: Session, product: Product, form) -> None:
 def products():
     items = list(db.session.scalars(select(Product).order_by(Product.sku)))
     packages = list(db.session.scalars(select(Package.name).order_by(Package.name)))
-    return render_template("admin/products.html", title="Products", products=items, packages=packages)
+    return render_template("admin/products.html", title="Products", products=items, packages=packages,
+                           blockers=sale_blockers(db.session, items))
 
 
 @bp.post("/products/new")
@@ -68,7 +75,8 @@ def product_new():
         product = add_product(db.session, sku=(form.get("sku") or "").strip(), name=form.get("name", ""),
                               price=form.get("price", ""), description=form.get("description", ""),
                               max_downloads=_limit(form.get("max_downloads")), link_days=_days(form.get("link_days")),
-                              package_name=(form.get("package") or "").strip() or None)
+                              package_name=(form.get("package") or "").strip() or None,
+                              attached_by=current_user)
     except InvalidInput as exc:
         return refuse(exc, url_for("admin.products"))
     audit("product.add", f"product {product.sku}", f"{product.name} at {product.price_display}")
@@ -92,7 +100,7 @@ def product_save(sku: str):
     if product is None:
         abort(404, f"There is no product {sku}.")
     try:
-        update_product(db.session, product, request.form)
+        update_product(db.session, product, request.form, current_user)
     except InvalidInput as exc:
         return refuse(exc, url_for("admin.product_edit", sku=sku))
     audit("product.update", f"product {sku}", f"{product.name} at {product.price_display}")

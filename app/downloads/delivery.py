@@ -629,14 +629,18 @@ def confirm(session: Session, grant: UserDownload, entry: FileEntry, sha256: str
     return "verified"
 
 
-def release_stale_deliveries(session: Session, now: datetime | None = None) -> int:
-    """Give back the slots of unfinished deliveries idle for DELIVERY_STALE_SECONDS (the purge calls this)."""
+def release_stale_deliveries(session: Session, now: datetime | None = None, *, dry_run: bool = False) -> int:
+    """Give back the slots of unfinished deliveries idle for DELIVERY_STALE_SECONDS (the purge calls this).
+    ``dry_run`` counts the slots the same test would release, and locks and changes nothing."""
     now = now or utcnow()
     stale = timedelta(seconds=setting("DELIVERY_STALE_SECONDS"))
     released = 0
     ids = session.scalars(select(Delivery.id).where(
         Delivery.holds_slot.is_(True), Delivery.counted.is_(False), Delivery.evidence.is_(None),
         or_(Delivery.last_activity_at.is_(None), Delivery.last_activity_at < now - stale))).all()
+    if dry_run:
+        return sum(1 for d in session.scalars(select(Delivery).where(Delivery.id.in_(ids)))
+                   if _unfinished(d) and not _live_in_flight(d, now))
     for delivery_id in ids:
         grant_id = session.scalar(select(Delivery.grant_id).where(Delivery.id == delivery_id))
         _lock_grant(session, grant_id)

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from werkzeug.utils import secure_filename
 
 from app.downloads.errors import InvalidInput
+from app.timeutil import utcnow
 from app.downloads.index import index_one, product_file_path, walk_product_files
 from app.downloads.models import PACKAGES_SKU, FileEntry
 from app.downloads.packages import packages_using
@@ -231,7 +232,10 @@ def delete_file(session: Session, download_dir: str | Path, registered: str) -> 
     if not path.is_file():
         raise InvalidInput(f"{target.registered_path} is not in the download folder")
     path.unlink()
-    index_one(session, download_dir, target.sku, target.rel)
+    entry = index_one(session, download_dir, target.sku, target.rel)
+    if entry is not None:  # deleted on purpose: the owner knows, so it is no "missing" flag
+        entry.acknowledged_at = utcnow()
+        session.flush()
 
 
 @dataclass

@@ -157,6 +157,7 @@ def _apply(entry: FileEntry, digest: Digest, path: str) -> None:
     entry.indexed_at = utcnow()
     entry.missing = False
     entry.flagged = None
+    entry.acknowledged_at = None
 
 
 @dataclass
@@ -206,7 +207,7 @@ def index_files(session: Session, download_dir: str | Path,
     seen = set(on_disk)
     for key, entry in existing.items():
         if key not in seen and not entry.missing:
-            entry.missing = True
+            entry.missing, entry.acknowledged_at = True, None  # newly gone: the owner must hear of it
             report.removed.append(entry.registered_path)
     session.flush()
     return report
@@ -238,8 +239,8 @@ def index_one(session: Session, download_dir: str | Path, sku: str, rel: str,
     entry = session.scalar(select(FileEntry).where(FileEntry.sku == sku, FileEntry.path == rel))
     full = product_file_path(download_dir, sku, rel)
     if full is None:  # gone, or not a product file (a link out of the folder): never indexed
-        if entry is not None:
-            entry.missing = True
+        if entry is not None and not entry.missing:
+            entry.missing, entry.acknowledged_at = True, None  # newly gone: the owner must hear of it
         return entry
     digest = hash_file(full, pace)
     if entry is None:

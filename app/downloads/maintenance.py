@@ -79,7 +79,8 @@ class PurgeReport:
         if self.handoffs_released is not None:
             out.append(f"released {self.handoffs_released} reservation(s) handed to nginx with no log line in time")
         if self.slots_released is not None:
-            out.append(f"released {self.slots_released} download slot(s) held by idle unfinished deliveries")
+            out.append(f"{verb('release', 'released')} {self.slots_released} download slot(s) "
+                       "held by idle unfinished deliveries")
         if self.dry_run:
             out.append(f"would retry {self.outbox_waiting} unsent email(s)")
         elif self.outbox_sent is None:
@@ -312,10 +313,11 @@ def purge(session: Session, now: datetime, *, dry_run: bool, download_dir: str |
         session.commit()
 
     release = _stale_slot_releaser()
-    if release is not None and not dry_run:
+    if release is not None:
         # Unfinished deliveries idle too long give their download slot back (the delivery rules decide).
-        report.slots_released = release(session, now)
-        session.commit()
+        report.slots_released = release(session, now, dry_run=dry_run)
+        if not dry_run:
+            session.commit()
 
     report.outbox_waiting = unsent_emails(session)
     flush = outbox_flusher()

@@ -103,6 +103,9 @@ class FileEntry(db.Model):
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # last background re-hash
     flagged: Mapped[str | None] = mapped_column(String(200))  # why it must not be served as verified
     missing: Mapped[bool] = mapped_column(default=False)
+    # The owner has seen this flag or absence (or deleted the file on purpose): off the dashboard until
+    # the file's state changes again (index.py and the watcher clear it).
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     @property
     def registered_path(self) -> str:

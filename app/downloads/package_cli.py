@@ -26,13 +26,20 @@ def _audit(action: str, name: str, detail: str = "") -> None:
     audit(action, f"package {name}", detail)
 
 
-def _finish(result: rules.BuildResult, done: str) -> None:
-    """Commit either way: the membership change is kept, a failed build is recorded with the old ZIP kept."""
-    db.session.commit()
+def _finish(result: rules.BuildResult, done: str, package: Package | None = None) -> None:
+    """All or nothing: a failed build rolls the change back (the old ZIP stays); a rebuild (``package``)
+    records why it failed. A build that left out deleted sources says which."""
     if not result.ok:
+        db.session.rollback()
+        if package is not None:
+            rules.record_build_error(db.session, db.session.merge(package), result)
+            db.session.commit()
         click.echo(f"error: {result.error}", err=True)
         raise SystemExit(1)
+    db.session.commit()
     click.echo(done)
+    if result.notice:
+        click.echo(result.notice)
 
 
 def register(group: click.Group) -> None:
@@ -80,7 +87,7 @@ def register(group: click.Group) -> None:
         pkg = run_rule(rules.get_package, db.session, name)
         result = rules.build_zip(db.session, current_app.config["DOWNLOAD_DIR"], pkg)
         _audit("package.rebuild", name)
-        _finish(result, f"package {name} rebuilt")
+        _finish(result, f"package {name} rebuilt", package=pkg)
 
     @package.command("list")
     def list_() -> None:
@@ -99,7 +106,10 @@ def register(group: click.Group) -> None:
     def delete(name: str) -> None:
         """Delete the package and its ZIP (the original files stay)."""
         pkg = run_rule(rules.get_package, db.session, name)
-        rules.delete_package(db.session, current_app.config["DOWNLOAD_DIR"], pkg)
-        _audit("package.delete", name)
+        withdrawn = rules.delete_package(db.session, current_app.config["DOWNLOAD_DIR"], pkg)
+        _audit("package.delete", name, f"withdrew {', '.join(withdrawn)}" if withdrawn else "")
         db.session.commit()
         click.echo(f"package {name} deleted")
+        for sku in withdrawn:
+            click.echo(f"product {sku} withdrawn from sale: it sold package {name}; attach another package "
+                       f"or files and put it on sale again in the owner pages")

@@ -22,7 +22,7 @@ from app.accounts.models import User
 from app.downloads.errors import InvalidInput
 from app.downloads.index import index_one, open_product_file, product_file_path
 from app.downloads.models import PACKAGES_SKU, FileEntry, Package, PackageFile, PackageManager
-from app.store.models import SKU_PATTERN
+from app.store.models import SKU_PATTERN, Product
 from app.timeutil import utcnow
 
 NAME_PATTERN = SKU_PATTERN  # same alphabet as SKUs: safe as a file name, never ".." or hidden
@@ -47,6 +47,15 @@ class BuildFailed(Exception):
 class BuildResult:
     ok: bool
     error: str | None = None
+    left_out: tuple[str, ...] = ()  # sources deleted since they were assigned: taken out of the package
+
+    @property
+    def notice(self) -> str:
+        """What the owner must be told beside "done" (empty when nothing was left out)."""
+        if not self.left_out:
+            return ""
+        return (f"left out {len(self.left_out)} file(s) deleted from the download folder: "
+                + ", ".join(self.left_out))
 
 
 def packages_dir(download_dir: str | Path) -> Path:
@@ -78,6 +87,17 @@ def can_manage(user: User | None, package: Package) -> bool:
     if user.is_admin or not package.managers:
         return True
     return any(m.user_id == user.id for m in package.managers)
+
+
+SHELL = "shell"  # the operator at the server's command line: trusted like an admin
+
+
+def check_may_sell(actor: User | str | None, package: Package) -> None:
+    """Only a package's managers (and admins, and the shell) may put it in a product or change such a
+    product: otherwise an owner refused on the package could sell it for $0."""
+    if actor != SHELL and not can_manage(actor if isinstance(actor, User) else None, package):
+        raise InvalidInput(f"only the managers of package {package.name} (and administrators) may sell it "
+                           "or change a product that sells it", status=403)
 
 
 def _check_lifetime(lifetime_days: int | None) -> None:
@@ -222,30 +242,39 @@ def build_zip(session: Session, download_dir: str | Path, package: Package) -> B
     recorded on the package (``build_error``) and returned.
     """
     target = zip_path(download_dir, package.name)
+    # A source deleted since it was assigned leaves the package at this build (Download Manager design):
+    # the record and the ZIP keep agreeing, and the result tells the owner which files went.
+    gone = [pf for pf in package.files if not (Path(download_dir) / pf.file_path).is_file()]
+    for pf in gone:
+        package.files.remove(pf)
+    left_out = tuple(pf.file_path for pf in gone)
     if not package.files:
         _remove_zip(session, download_dir, package.name)
         package.built_at, package.build_error = None, None
         session.flush()
-        return BuildResult(True)
+        return BuildResult(True, left_out=left_out)
     try:
         members = [(pf.file_path, _packable(download_dir, pf.file_path)) for pf in package.files]
-    except BuildFailed as exc:
-        package.build_error = f"ZIP not rebuilt, the previous one is kept: {exc}"
-        session.flush()
-        return BuildResult(False, package.build_error)
+    except BuildFailed as exc:  # a member turned into a link out of its folder: nothing is packed
+        return BuildResult(False, f"ZIP not rebuilt, the previous one is kept: {exc}")
     try:
         write_zip(target, members)
     except BuildFailed as exc:
-        package.build_error = f"ZIP not rebuilt, the previous one is kept: {exc}"
-        session.flush()
-        return BuildResult(False, package.build_error)
+        # The caller rolls back (add/remove change nothing) or records build_error (a rebuild says why).
+        return BuildResult(False, f"ZIP not rebuilt, the previous one is kept: {exc}")
     # No autoflush while the new ZIP is hashed: on SQLite a pending write would hold the database's write
     # lock for the whole hash, and the sidecar's download log would wait behind it.
     with session.no_autoflush:
         index_one(session, download_dir, PACKAGES_SKU, target.name)
     package.built_at, package.build_error = utcnow(), None
     session.flush()
-    return BuildResult(True)
+    return BuildResult(True, left_out=left_out)
+
+
+def record_build_error(session: Session, package: Package, result: BuildResult) -> None:
+    """After a failed rebuild was rolled back: only the reason is kept, so the owner sees it in the list."""
+    package.build_error = result.error
+    session.flush()
 
 
 def add_files(session: Session, download_dir: str | Path, package: Package, files: Sequence[str]) -> BuildResult:
@@ -280,11 +309,21 @@ def _remove_zip(session: Session, download_dir: str | Path, name: str) -> None:
     session.execute(delete(FileEntry).where(FileEntry.sku == PACKAGES_SKU, FileEntry.path == f"{name}.zip"))
 
 
-def delete_package(session: Session, download_dir: str | Path, package: Package) -> None:
-    """The record and its ZIP; the original files belong to the file manager and stay."""
+def products_selling(session: Session, package: Package) -> list[Product]:
+    return list(session.scalars(select(Product).where(Product.package_id == package.id).order_by(Product.sku)))
+
+
+def delete_package(session: Session, download_dir: str | Path, package: Package) -> list[str]:
+    """The record and its ZIP; the original files belong to the file manager and stay. Products that sold
+    it are withdrawn from sale (nothing would be left to deliver); returns their SKUs."""
+    withdrawn = []
+    for product in products_selling(session, package):
+        product.active, product.package = False, None
+        withdrawn.append(product.sku)
     _remove_zip(session, download_dir, package.name)
     session.delete(package)
     session.flush()
+    return withdrawn
 
 
 def expired_packages(session: Session, today: date) -> list[Package]:

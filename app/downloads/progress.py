@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+from app.sizes import format_size
+
 
 class ProgressBar:
     def __init__(self, label: str, stream=None, min_interval: float = 0.1):
@@ -26,7 +28,7 @@ class ProgressBar:
         rate = done / elapsed
         eta = (total - done) / rate if rate > 0 else 0
         bar = "#" * int(frac * 30)
-        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {human_bytes(rate)}/s "
+        self.stream.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {format_size(rate)}/s "
                           f"ETA {int(eta)//60:d}:{int(eta)%60:02d} {detail[-30:]:<30}")
         self.stream.flush()
 
@@ -34,11 +36,3 @@ class ProgressBar:
         if self.enabled:
             self.stream.write("\n")
             self.stream.flush()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -330,6 +330,7 @@ class Watcher:
         values = {"verified_at": utcnow()}
         if flag:
             values["flagged"] = flag[:200]
+            values["acknowledged_at"] = None  # a new problem: back on the owner's dashboard
         # Conditional on the digest we checked: a re-index meanwhile wins.
         db.session.execute(update(FileEntry).where(FileEntry.id == entry_id, FileEntry.sha256 == sha256)
                            .values(**values).execution_options(synchronize_session=False))

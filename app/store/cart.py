@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.downloads.errors import InvalidInput
-from app.store.catalog import for_sale
+from app.store.catalog import for_sale, sale_blockers
 from app.store.models import Product
 from app.store.orders import MAX_QUANTITY, Line
 
@@ -28,8 +28,11 @@ def parse_quantity(text: str | int | None) -> int:
 
 def product_for_sale(session: Session, sku: str) -> Product:
     product = session.scalar(select(Product).where(Product.sku == (sku or ""), Product.active))
-    if product is None or not for_sale(product):
+    if product is None:
         raise InvalidInput(f"there is no product {sku!r} for sale", status=422)
+    if not for_sale(session, product):
+        raise InvalidInput(f"{product.name} ({product.sku}) is not available at the moment, so it cannot be bought",
+                           status=422)
     return product
 
 
@@ -64,12 +67,13 @@ def cart_lines(session: Session, cart: dict[str, int]) -> list[Line]:
         return []
     products = session.scalars(select(Product).where(Product.sku.in_(list(cart)), Product.active)
                                .order_by(Product.name, Product.sku)).all()
+    blockers = sale_blockers(session, products)
     return [Line(p, int(cart[p.sku])) for p in products if isinstance(cart.get(p.sku), int)
-            and 1 <= cart[p.sku] <= MAX_QUANTITY and for_sale(p)]
+            and 1 <= cart[p.sku] <= MAX_QUANTITY and blockers[p.id] is None]
 
 
 def lines_total(lines: list[Line]) -> int:
-    return sum(line.product.price_cents * line.quantity for line in lines)
+    return sum(line.unit_price * line.quantity for line in lines)
 
 
 def item_count(cart: dict[str, int]) -> int:

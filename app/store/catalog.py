@@ -2,21 +2,50 @@
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
+from typing import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.accounts.models import User
 from app.downloads.errors import InvalidInput
-from app.downloads.models import Package
-from app.downloads.packages import on_sale
+from app.downloads.models import PACKAGES_SKU, FileEntry, Package
+from app.downloads.packages import check_may_sell, on_sale
 from app.store.models import SKU_PATTERN, Product
 
 MAX_PRICE_CENTS = 100_000_000  # one million in the shop's currency
 
 
-def for_sale(product: Product) -> bool:
-    """Shown and sold: active, and a sold package still within its lifetime and expiry."""
-    return product.active and (product.package is None or on_sale(product.package))
+def sale_blockers(session: Session, products: Sequence[Product]) -> dict[int, str | None]:
+    """Can each product be sold? product id -> None when it can, else why not (for the owner's eyes).
+
+    The one answer the catalog, product page, cart, checkout and owner pages all use: a product is
+    sold only when there is something to deliver (an indexed file under its SKU, or its package's
+    ZIP while the package is on sale), so nobody pays for "This download has no files yet"."""
+    skus = [p.sku for p in products]
+    with_files = set(session.scalars(select(FileEntry.sku).where(
+        FileEntry.sku.in_(skus), FileEntry.missing.is_(False)).distinct())) if skus else set()
+    built = set(session.scalars(select(FileEntry.path).where(
+        FileEntry.sku == PACKAGES_SKU, FileEntry.missing.is_(False))))
+    reasons: dict[int, str | None] = {}
+    for product in products:
+        package = product.package
+        if not product.active:
+            reason = "withdrawn from sale"
+        elif product.entitlement_class:
+            reason = None  # sells a later choice among other products, which are checked when picked
+        elif package is not None:
+            reason = (f"its package {package.name} is past its expiry or lifetime" if not on_sale(package)
+                      else f"its package {package.name} has no ZIP (no files)" if f"{package.name}.zip" not in built
+                      else None)
+        else:
+            reason = None if product.sku in with_files else f"no file is indexed under {product.sku}/"
+        reasons[product.id] = reason
+    return reasons
+
+
+def for_sale(session: Session, product: Product) -> bool:
+    return sale_blockers(session, [product])[product.id] is None
 
 
 def parse_price(text: str | int | Decimal) -> int:
@@ -45,7 +74,9 @@ def check_sku(sku: str) -> str:
 def add_product(session: Session, *, sku: str, name: str, price: str | int | Decimal,
                 description: str = "", max_downloads: int | None = 5, link_days: int = 7,
                 content_class: str | None = None, entitlement_class: str | None = None,
-                entitlement_count: int | None = None, package_name: str | None = None) -> Product:
+                entitlement_count: int | None = None, package_name: str | None = None,
+                attached_by: User | str | None = None) -> Product:
+    """``attached_by``: who sells ``package_name`` (a User, or ``packages.SHELL`` for the command line)."""
     check_sku(sku)
     name = (name or "").strip()
     if not name or len(name) > 200:
@@ -69,6 +100,7 @@ def add_product(session: Session, *, sku: str, name: str, price: str | int | Dec
         package = session.scalar(select(Package).where(Package.name == package_name))
         if package is None:
             raise InvalidInput(f"no package named {package_name!r}")
+        check_may_sell(attached_by, package)
     product = Product(sku=sku, name=name, description=description or "", price_cents=price_cents,
                       max_downloads=max_downloads, link_days=link_days, content_class=content_class,
                       entitlement_class=entitlement_class, entitlement_count=entitlement_count,

@@ -21,7 +21,7 @@ from app.downloads.grants import grant_downloads
 from app.downloads.models import OutboxMessage
 from app.mail import queue_order_email
 from app.store.cart import lines_total
-from app.store.models import Order
+from app.store.models import Order, format_money
 from app.store.orders import Line, create_order
 from app.store.payments import Approved, Card, PaymentGateway
 
@@ -34,6 +34,30 @@ class PaymentDeclined(InvalidInput):
     def __init__(self, reason: str):
         super().__init__(f"Your payment was declined: {reason}.", status=402)
         self.reason = reason
+
+
+class TotalChanged(InvalidInput):
+    """The total now differs from the one the shopper saw (a price changed, a product left the shop):
+    nothing is charged; the page shows the new total for a fresh decision."""
+
+    def __init__(self, shown: str, now: str):
+        super().__init__(f"The total changed from {shown} to {now} since this page was opened, so nothing was "
+                         f"charged. Please check your order and pay {now} if you still want it.", status=409)
+
+
+def shown_total_field(total_cents: int, currency: str) -> str:
+    """The checkout form's hidden record of the total the shopper was shown: "4999 USD"."""
+    return f"{total_cents} {currency}"
+
+
+def check_shown_total(shown: str | None, total_cents: int, currency: str) -> None:
+    """Charge only the total the shopper saw: any other current total (or no record of it) is refused."""
+    amount, _, shown_currency = (shown or "").strip().partition(" ")
+    if not (amount.isascii() and amount.isdigit()) or len(amount) > 12 or not shown_currency:
+        raise InvalidInput("this checkout form is not valid any more: please open the checkout page again",
+                           status=400)
+    if (int(amount), shown_currency) != (total_cents, currency):
+        raise TotalChanged(format_money(int(amount), shown_currency), format_money(total_cents, currency))
 
 
 @dataclass
@@ -60,9 +84,12 @@ def order_for_token(session: Session, token: str) -> Order | None:
 
 
 def checkout(session: Session, gateway: PaymentGateway, *, lines: list[Line], email: str, card: Card | None,
-             checkout_token: str, user: User | None = None, client_ip: str | None = None) -> CheckoutResult:
+             checkout_token: str, shown_total: str | None, user: User | None = None,
+             client_ip: str | None = None) -> CheckoutResult:
     """Authorize and record a sale. The caller commits, then sends ``result.email`` (app.mail.deliver);
-    on IntegrityError at commit it calls ``after_race`` to find the winner's order."""
+    on IntegrityError at commit it calls ``after_race`` to find the winner's order. ``shown_total`` is
+    the form's record of the total on the page (``shown_total_field``); None only for callers that
+    show no page (a comp order made by the owner)."""
     token = check_token(checkout_token)
     existing = order_for_token(session, token)
     if existing is not None:
@@ -72,12 +99,15 @@ def checkout(session: Session, gateway: PaymentGateway, *, lines: list[Line], em
     currencies = {line.product.currency for line in lines}
     if len(currencies) > 1:
         raise InvalidInput("products priced in different currencies must be bought in separate orders")
+    currency = next(iter(currencies))
     total = lines_total(lines)
+    if shown_total is not None:
+        check_shown_total(shown_total, total, currency)
     reference = brand = last4 = None
     if total > 0:
         if card is None:
             raise InvalidInput("please enter a card to pay with")
-        answer = gateway.authorize(total, currencies.pop(), card, idempotency_key=token)
+        answer = gateway.authorize(total, currency, card, idempotency_key=token)
         if not isinstance(answer, Approved):
             raise PaymentDeclined(answer.reason)
         reference, brand, last4 = answer.reference, card.brand, card.last4

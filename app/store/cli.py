@@ -5,6 +5,7 @@ import click
 
 from app.cli import audit, fail, run_rule
 from app.downloads.grants import grant_downloads
+from app.downloads.packages import SHELL
 from app.extensions import db
 from app.store.catalog import add_product
 from app.store.models import Product
@@ -35,7 +36,7 @@ def register(group: click.Group) -> None:
     @click.option("--name", required=True)
     @click.option("--price", required=True, help="e.g. 9.99")
     @click.option("--description", default="")
-    @click.option("--max-downloads", default=None, help="per link; 'unlimited' for no limit (default 5)")
+    @click.option("--max-downloads", default=None, help="per file of a link; 'unlimited' for no limit (default 5)")
     @click.option("--days", type=click.IntRange(1, 3650), default=7, show_default=True, help="link lifetime")
     @click.option("--content-class", default=None, help="class this product belongs to")
     @click.option("--entitlement", default=None, metavar="CLASS:N", help="sell N items of CLASS, chosen later")
@@ -52,7 +53,8 @@ def register(group: click.Group) -> None:
         product = run_rule(add_product, db.session, sku=sku, name=name, price=price, description=description,
                            max_downloads=5 if limit is False else limit, link_days=days,
                            content_class=content_class, entitlement_class=ent_class,
-                           entitlement_count=ent_count, package_name=package_name)
+                           entitlement_count=ent_count, package_name=package_name,
+                           attached_by=SHELL)
         audit("product.add", f"product {product.sku}", f"{product.name} at {product.price_display}")
         db.session.commit()
         click.echo(f"product {product.sku} added: {product.name} at {product.price_display}")
@@ -71,8 +73,9 @@ def register(group: click.Group) -> None:
         product = db.session.scalar(select(Product).where(Product.sku == sku))
         if product is None:
             fail(f"no product with SKU {sku!r}")
-        order = create_order(db.session, email=email, lines=[Line(product)], payment_reference=None)
-        order.total_cents = 0  # a comp copy is free whatever the list price
+        # A comp copy is free whatever the list price: its line says $0.00 like its total.
+        order = create_order(db.session, email=email, lines=[Line(product, unit_price_cents=0)],
+                             payment_reference=None)
         links = grant_downloads(db.session, order, days=days, max_downloads=limit)
         audit("order.grant", f"order {order.po_number}", f"{product.sku} for {email}")
         db.session.commit()

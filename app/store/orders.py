@@ -15,6 +15,11 @@ MAX_QUANTITY = 10
 class Line:
     product: Product
     quantity: int = 1
+    unit_price_cents: int | None = None  # None: the product's price; 0 for a comp copy
+
+    @property
+    def unit_price(self) -> int:
+        return self.product.price_cents if self.unit_price_cents is None else self.unit_price_cents
 
 
 def po_number_for(order: Order) -> str:
@@ -31,7 +36,7 @@ def create_order(session: Session, *, email: str, lines: list[Line], user: User 
                   card_brand=card_brand, card_last4=card_last4, checkout_token=checkout_token)
     for line in lines:
         order.items.append(OrderItem(product=line.product, sku=line.product.sku, name=line.product.name,
-                                     quantity=line.quantity, unit_price_cents=line.product.price_cents))
+                                     quantity=line.quantity, unit_price_cents=line.unit_price))
     order.total_cents = sum(i.quantity * i.unit_price_cents for i in order.items)
     order.item_count = sum(i.quantity for i in order.items)
     session.add(order)

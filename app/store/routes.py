@@ -16,9 +16,10 @@ from app.downloads.models import FileEntry
 from app.health import healthz_response
 from app.extensions import client_address, db, limiter
 from app.mail import deliver, order_links
+from app.sizes import format_size
 from app.store import cart as cart_rules
-from app.store.catalog import for_sale
-from app.store.checkout import after_race, check_token, checkout, new_checkout_token
+from app.store.catalog import sale_blockers
+from app.store.checkout import after_race, check_token, checkout, new_checkout_token, shown_total_field
 from app.store.models import Order, Product, format_money
 from app.store.payments import gateway_for, read_card
 
@@ -27,6 +28,7 @@ log = logging.getLogger("softgoods.store")
 
 REMEMBERED_ORDERS = 20  # thank-you pages this browser may open again
 bp.add_app_template_global(format_money)
+bp.add_app_template_filter(format_size, "filesize")  # the owner pages use it too
 
 
 FORM_BLUEPRINTS = ("store", "accounts")
@@ -62,14 +64,17 @@ def healthz():
 @bp.get("/")
 def catalog():
     products = db.session.scalars(select(Product).where(Product.active).order_by(Product.name)).all()
-    return render_template("store/catalog.html", products=[p for p in products if for_sale(p)])
+    blockers = sale_blockers(db.session, products)
+    return render_template("store/catalog.html", products=[p for p in products if blockers[p.id] is None])
 
 
 @bp.get("/p/<sku>")
 def product(sku: str):
     item = db.session.scalar(select(Product).where(Product.sku == sku, Product.active))
-    if item is None or not for_sale(item):
+    if item is None:
         abort(404, description=f"There is no product {sku!r} in this shop.")
+    if sale_blockers(db.session, [item])[item.id] is not None:  # known, but nothing to deliver now
+        return render_template("store/product.html", product=item, files=[], unavailable=True), 404
     files = db.session.scalars(select(FileEntry).where(FileEntry.sku == item.sku, FileEntry.missing.is_(False))
                                .order_by(FileEntry.path)).all()
     return render_template("store/product.html", product=item, files=files)
@@ -104,9 +109,11 @@ def cart_remove():
 
 
 def _checkout_page(lines, *, token: str, email: str, error: str | None = None, status: int = 200):
-    return render_template("store/checkout.html", lines=lines, total=format_money(cart_rules.lines_total(lines)),
-                           total_cents=cart_rules.lines_total(lines), token=token, email=email,
-                           error=error), status
+    total_cents = cart_rules.lines_total(lines)
+    currency = lines[0].product.currency if lines else "USD"
+    return render_template("store/checkout.html", lines=lines, total=format_money(total_cents, currency),
+                           total_cents=total_cents, shown_total=shown_total_field(total_cents, currency),
+                           token=token, email=email, error=error), status
 
 
 @bp.get("/checkout")
@@ -133,7 +140,8 @@ def checkout_submit():
             card = read_card(form.get("card_number", ""), form.get("expiry", ""), form.get("cvc", ""))
         user = current_user._get_current_object() if current_user.is_authenticated else None
         result = checkout(db.session, gateway_for(current_app.config), lines=lines, email=email, card=card,
-                          checkout_token=token, user=user, client_ip=client_address())
+                          checkout_token=token, shown_total=form.get("shown_total", ""), user=user,
+                          client_ip=client_address())
         db.session.commit()
     except IntegrityError as exc:
         result = after_race(db.session, exc, token)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-05 11:34:31.531128
+Create Date: 2026-12-05 11:34:53.467443
 
 """
 from alembic import op
@@ -45,6 +45,7 @@ def upgrade():
     sa.Column('verified_at', app.timeutil.UTCDateTime(), nullable=True),
     sa.Column('flagged', sa.String(length=200), nullable=True),
     sa.Column('missing', sa.Boolean(), nullable=False),
+    sa.Column('acknowledged_at', app.timeutil.UTCDateTime(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_file_entries')),
     sa.UniqueConstraint('sku', 'path', name=op.f('uq_file_entries_sku'))
     )

@@ -95,3 +95,60 @@ def test_package_story_in_a_browser(app, store, tmp_path):
         response = page.goto(f"{store.url}/admin/packages/PRIVATE")
         assert response.status == 403
         assert "You may not manage package PRIVATE" in page.content()
+
+
+def test_flags_in_a_browser_deleted_on_purpose_is_not_missing_and_a_flag_can_be_acknowledged(app, store):
+    from tests.helpers import make_product
+
+    owner = make_user(app, "owner@example.com", "owner")
+    make_product(app, "KIT", {"kept.bin": 1000, "lost.bin": 1000, "unwanted.bin": 1000})
+    download_dir = Path(app.config["DOWNLOAD_DIR"])
+    with app.app_context():
+        from app.downloads.files import delete_file
+        from app.downloads.index import index_files
+
+        delete_file(db.session, download_dir, "KIT/unwanted.bin")  # the owner's own deletion
+        (download_dir / "KIT" / "lost.bin").unlink()                # gone behind the owner's back
+        index_files(db.session, download_dir)
+        db.session.commit()
+    with browser_page() as page:
+        page.context.add_cookies([session_cookie(app, owner)])
+        page.goto(f"{store.url}/admin/")
+        table = page.inner_text("#flagged")
+        assert "KIT/lost.bin" in table and "missing on disk" in table and "unwanted.bin" not in table
+        page.click("#flagged button:has-text('Acknowledge')")
+        page.wait_for_url(f"{store.url}/admin/")
+        assert "acknowledged" in page.content()
+        assert "No file is flagged" in page.content()
+    with app.app_context():  # the file coming back and going again flags it anew
+        (download_dir / "KIT" / "lost.bin").write_bytes(b"x" * 10)
+        index_files(db.session, download_dir)
+        (download_dir / "KIT" / "lost.bin").unlink()
+        index_files(db.session, download_dir)
+        db.session.commit()
+    with browser_page() as page:
+        page.context.add_cookies([session_cookie(app, owner)])
+        page.goto(f"{store.url}/admin/")
+        assert "KIT/lost.bin" in page.inner_text("#flagged")
+
+
+def test_acknowledging_needs_the_csrf_token(app):
+    from flask.testing import FlaskClient  # noqa: F401  the app's own client, with CSRF on as in production
+    from tests.helpers import make_product
+    from tests.admin.conftest import log_in
+
+    make_product(app, "KIT", {"lost.bin": 100})
+    with app.app_context():
+        from app.downloads.index import index_files
+        from app.downloads.models import FileEntry
+
+        (Path(app.config["DOWNLOAD_DIR"]) / "KIT" / "lost.bin").unlink()
+        index_files(db.session, app.config["DOWNLOAD_DIR"])
+        db.session.commit()
+        entry_id = db.session.scalar(db.select(FileEntry.id))
+    app.config["WTF_CSRF_ENABLED"] = True
+    client = app.test_client()
+    log_in(client, make_user(app, "owner@example.com", "owner"))
+    assert client.post(f"/admin/flags/{entry_id}/acknowledge").status_code == 400
+    with app.app_context():
+        assert db.session.get(FileEntry, entry_id).acknowledged_at is None

@@ -145,3 +145,41 @@ def test_the_same_file_added_by_two_requests_at_once_is_assigned_once(app, clien
         assert [a.actor for a in db.session.scalars(select(AuditEntry).where(AuditEntry.action == "package.add")
                                                    .order_by(AuditEntry.id))] == ["other@example.com",
                                                                                    "owner@example.com"]
+
+
+def test_only_a_packages_managers_may_sell_it_in_a_product(app, client, kit, runner):
+    from app.store.models import Product
+
+    make_user(app, "alice@example.com", "owner")
+    bob = make_user(app, "bob@example.com", "owner")
+    admin = make_user(app, "admin@example.com", "admin")
+    log_in(client, admin)
+    client.post("/admin/packages/new", data={"name": "ALICE", "managers": ["alice@example.com"]})
+    client.post("/admin/packages/ALICE/add", data={"files": ["KIT/a.bin"]})
+    make_product(app, "PLAIN", {"p.bin": 100}, price="5.00")
+    log_in(client, bob)
+    new = client.post("/admin/products/new", data={"sku": "FREEKIT", "name": "Free kit", "price": "0",
+                                                   "max_downloads": "5", "link_days": "7", "package": "ALICE"},
+                      follow_redirects=True)
+    assert "only the managers of package ALICE" in new.text
+    edit = client.post("/admin/products/PLAIN", data={"name": "Plain", "price": "0", "max_downloads": "5",
+                                                      "link_days": "7", "package": "ALICE", "active": "yes"},
+                       follow_redirects=True)
+    assert "only the managers of package ALICE" in edit.text
+    with app.app_context():
+        assert db.session.scalar(select(Product).where(Product.sku == "FREEKIT")) is None
+        plain = db.session.scalar(select(Product).where(Product.sku == "PLAIN"))
+        assert (plain.package_id, plain.price_cents) == (None, 500)
+    log_in(client, admin)  # an administrator may, and so may the shell (the server's operator)
+    client.post("/admin/products/new", data={"sku": "KITPROD", "name": "Kit", "price": "9", "max_downloads": "5",
+                                             "link_days": "7", "package": "ALICE"})
+    log_in(client, bob)  # and bob may not change the product that sells it
+    changed = client.post("/admin/products/KITPROD", data={"name": "Kit", "price": "0", "max_downloads": "5",
+                                                           "link_days": "7", "package": "ALICE", "active": "yes"},
+                          follow_redirects=True)
+    assert "only the managers of package ALICE" in changed.text
+    result = runner.invoke(args=["softgoods", "product", "add", "--sku", "SHELLKIT", "--name", "Kit",
+                                 "--price", "1", "--package", "ALICE"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        assert db.session.scalar(select(Product.price_cents).where(Product.sku == "KITPROD")) == 900

@@ -68,7 +68,7 @@ def test_grant_refuses_bad_arguments_and_writes_nothing(app, runner, args, reaso
 @pytest.mark.backends("sqlite")
 @pytest.mark.config(SESSION_COOKIE_SECURE=True)
 def test_session_cookie_is_httponly_samesite_and_secure_when_asked(app, client):
-    make_product(app, "EBOOK1", price="1.00")
+    make_product(app, "EBOOK1", {"book.pdf": 100}, price="1.00")  # sellable: it has a file
     response = client.post("/cart/add", data={"sku": "EBOOK1", "quantity": "1"})
     cookie = response.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" in cookie

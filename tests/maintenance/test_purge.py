@@ -211,3 +211,26 @@ def test_a_folder_with_real_files_in_the_link_dir_is_never_removed(app, runner):
         assert "kept 1 folder(s) in SYMLINK_DIR that hold real files (check the setting): KIT" in result.output
         assert "remove 0 symlink folder(s)" in result.output or "removed 0 symlink folder(s)" in result.output
     assert (precious / "manual.pdf").read_bytes() == b"%PDF real file"
+
+
+def test_dry_run_says_which_download_slots_it_would_release(app, runner):
+    from sqlalchemy import update
+
+    from app.downloads.models import Delivery
+    from tests.delivery.rules_helpers import open_shop
+
+    shop = open_shop(app, {"a.bin": 300 * 1024}, max_downloads=1)
+    with app.app_context():
+        shop.get("a.bin", sent=200 * 1024)  # a transfer that died and was never resumed
+        db.session.execute(update(Delivery).values(last_activity_at=utcnow() - 3 * HOUR))
+        db.session.commit()
+        assert shop.held() == 1
+    dry = runner.invoke(args=["softgoods", "purge", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would release 1 download slot(s) held by idle unfinished deliveries" in dry.output
+    with app.app_context():
+        assert shop.held() == 1, "a dry run released a slot"
+    real = runner.invoke(args=["softgoods", "purge"])
+    assert "released 1 download slot(s) held by idle unfinished deliveries" in real.output
+    with app.app_context():
+        assert shop.held() == 0

@@ -100,4 +100,17 @@ def test_a_failed_build_keeps_the_old_zip_and_says_why(app, runner, env, kit):
     assert zip_file.read_bytes() == before
     assert [p.name for p in zip_file.parent.iterdir()] == ["P1.zip"]
     listing = sg(runner, "package", "list").output
-    assert "ERROR ZIP not rebuilt" in listing
+    assert "KIT/big.bin" not in listing and "ERROR" not in listing  # a failed add changed nothing
+
+
+def test_rebuild_and_add_after_a_source_was_deleted_leave_it_out_and_say_so(app, runner, kit):
+    assert sg(runner, "package", "create", "P1").exit_code == 0
+    assert sg(runner, "package", "add", "P1", "KIT/a.bin", "KIT/b/c.txt").exit_code == 0
+    (kit / "KIT" / "a.bin").unlink()
+    result = sg(runner, "package", "rebuild", "P1")
+    assert result.exit_code == 0, result.output
+    assert "left out 1 file(s) deleted from the download folder: KIT/a.bin" in result.output
+    with zipfile.ZipFile(kit / ".packages" / "P1.zip") as archive:
+        assert archive.namelist() == ["KIT/b/c.txt"]
+    listing = sg(runner, "package", "list").output
+    assert "KIT/a.bin" not in listing and "1 file(s)" in listing

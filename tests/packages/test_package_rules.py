@@ -112,19 +112,20 @@ def test_a_file_missing_from_disk_is_refused(app, kit):
             rules.add_files(db.session, kit, package, ["KIT/a.bin"])
 
 
-def test_deleting_a_source_keeps_the_zip_and_a_failed_rebuild_keeps_it_too(app, kit):
+def test_a_deleted_source_is_left_out_at_the_next_rebuild_and_the_owner_is_told(app, kit):
     with app.app_context():
         package = rules.create_package(db.session, "P1")
         rules.add_files(db.session, kit, package, ["KIT/a.bin", "KIT/b/c.txt"])
         db.session.commit()
         before = sha(rules.zip_path(kit, "P1"))
         (kit / "KIT" / "a.bin").unlink()
-        assert sha(rules.zip_path(kit, "P1")) == before
+        assert sha(rules.zip_path(kit, "P1")) == before  # deleting affects the package at its next rebuild
         result = rules.build_zip(db.session, kit, package)
         db.session.commit()
-        assert not result.ok and "previous one is kept" in result.error and "a.bin" in result.error
-        assert package.build_error == result.error
-        assert sha(rules.zip_path(kit, "P1")) == before
+        assert result.ok and result.left_out == ("KIT/a.bin",) and "KIT/a.bin" in result.notice
+        assert [pf.file_path for pf in package.files] == ["KIT/b/c.txt"]
+        with zipfile.ZipFile(rules.zip_path(kit, "P1")) as archive:
+            assert archive.namelist() == ["KIT/b/c.txt"]  # record and ZIP agree
         assert not [p for p in (kit / PACKAGES_SKU).iterdir() if p.name != "P1.zip"], "a temp file was left"
 
 

@@ -24,7 +24,8 @@ def checkout_form(client: FlaskClient, *, email: str = "buyer@example.com", card
                   expiry: str = "12/39", cvc: str = "123") -> dict[str, str]:
     page = client.get("/checkout")
     assert page.status_code == 200, page.status_code
-    return {"checkout_token": hidden(page.text, "checkout_token"), "email": email, "card_number": card,
+    return {"checkout_token": hidden(page.text, "checkout_token"), "shown_total": hidden(page.text, "shown_total"),
+            "email": email, "card_number": card,
             "expiry": expiry, "cvc": cvc}
 
 

@@ -9,7 +9,7 @@ from tests.store.shop import add_to_cart, error_text
 def shop(app):
     make_product(app, "EBOOK1", {"book.pdf": 2000, "extras/notes.txt": b"notes"}, price="9.99",
                  name="The Book", description="A fine book.")
-    make_product(app, "SONG", price="0.10", name="A Song")
+    make_product(app, "SONG", {"song.mp3": 1000}, price="0.10", name="A Song")
     return app
 
 

@@ -88,7 +88,8 @@ def test_retry_after_a_crash_between_approval_and_storing_charges_once(shop, cli
 
         book = db.session.scalar(select(Product).where(Product.sku == "EBOOK1"))
         checkout(db.session, shop.config["PAYMENT_GATEWAY"], lines=[Line(book)], email="buyer@example.com",
-                 card=read_card(APPROVING, "12/39", "123"), checkout_token=form["checkout_token"])
+                 card=read_card(APPROVING, "12/39", "123"), checkout_token=form["checkout_token"],
+                 shown_total=form["shown_total"])
         db.session.rollback()
     assert counts(shop) == (0, 0, 0)
     assert client.post("/checkout", data=form).status_code == 303  # the shopper presses Pay again

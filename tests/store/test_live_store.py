@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from http.cookiejar import CookieJar
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from app.downloads.models import OutboxMessage, UserDownload
 from app.extensions import db
-from app.store.models import Order
+from app.store.models import Order, Product
 from tests.helpers import ServerProcess, free_port, make_product
 from tests.store.shop import APPROVING, hidden
 
@@ -44,6 +44,7 @@ class Browser:
     def checkout_form(self, email: str) -> dict:
         page = self.open("/checkout")[2]
         return {"csrf_token": hidden(page, "csrf_token"), "checkout_token": hidden(page, "checkout_token"),
+                "shown_total": hidden(page, "shown_total"),
                 "email": email, "card_number": APPROVING, "expiry": "12/39", "cvc": "123"}
 
     def pay(self, form: dict) -> str:
@@ -103,3 +104,29 @@ def test_the_same_form_posted_at_once_is_one_order(app, live_store):
         assert db.session.scalar(select(func.count()).select_from(Order)) == 1
         assert db.session.scalar(select(func.count()).select_from(UserDownload)) == 2
         assert db.session.scalar(select(func.count()).select_from(OutboxMessage)) == 1
+
+
+def test_a_price_change_after_the_checkout_page_opened_charges_nothing_and_shows_the_new_total(app, live_store):
+    from app.store.checkout import TotalChanged
+
+    make_product(app, "PRICEY", {"p.bin": 1000}, price="49.99")
+    shopper = Browser(live_store.url)
+    shopper.add("PRICEY", 1)
+    form = shopper.checkout_form("buyer@example.com")
+    assert form["shown_total"] == "4999 USD"
+    with app.app_context():  # the owner changes the price while the shopper reads the page
+        db.session.execute(update(Product).where(Product.sku == "PRICEY").values(price_cents=49999))
+        db.session.commit()
+    status, _url, page = shopper.open("/checkout", form)
+    assert status == TotalChanged("", "").status == 409
+    assert "The total changed from $49.99 to $499.99" in page and "nothing was charged" in page
+    assert hidden(page, "shown_total") == "49999 USD" and "Pay $499.99" in page
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(Order)) == 0
+    # A fresh decision on the new total goes through, at the total shown.
+    paid = dict(form, shown_total=hidden(page, "shown_total"), checkout_token=hidden(page, "checkout_token"))
+    status, url, _ = shopper.open("/checkout", paid)
+    assert status == 200 and "/orders/" in url
+    with app.app_context():
+        assert db.session.scalar(select(Order.total_cents)) == 49999
+
