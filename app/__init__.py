@@ -41,10 +41,10 @@ def register_extensions(app: Flask) -> None:
     login_manager.login_message_category = "info"
 
     @login_manager.user_loader
-    def load_user(user_id: str):
-        from app.accounts.models import User
+    def load_user(session_id: str):
+        from app.accounts.rules import load_session_user
 
-        return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+        return load_session_user(db.session, session_id)
 
 
 def release_limiter_timer() -> None:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 13:28:48.997882
+Create Date: 2026-12-05 09:19:54.952319
 
 """
 from alembic import op
@@ -83,6 +83,7 @@ def upgrade():
     sa.Column('role', sa.String(length=16), nullable=False),
     sa.Column('email_confirmed_at', app.timeutil.UTCDateTime(), nullable=True),
     sa.Column('created_at', app.timeutil.UTCDateTime(), nullable=False),
+    sa.Column('session_generation', sa.Integer(), server_default='0', nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_users'))
     )
     with op.batch_alter_table('users', schema=None) as batch_op:
