@@ -24,3 +24,11 @@ backlog = 2048
 accesslog = None
 errorlog = "-"
 
+
+
+def on_starting(server):
+    """Check the settings once in the master: a bad one (say an example SOFTGOODS_SECRET_KEY) stops
+    gunicorn with its one-line reason instead of workers failing and being respawned forever."""
+    from app.config import load_settings
+
+    load_settings()
