@@ -22,6 +22,12 @@ def create_app(config: Mapping[str, Any] | None = None, env: Mapping[str, str] |
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
+    if app.config.get("PROXY_COUNT"):
+        # Behind nginx (deploy/nginx-store.conf): rate limits key on the shopper's address, not nginx's.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        count = app.config["PROXY_COUNT"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=0)
     return app
 
 

@@ -1,6 +1,8 @@
 """The store under its shipped gunicorn config (app/gunicorn.conf.py): 200 connections that send their
 headers a line at a time never finish them, and a shopper still checks out; the server drops the slow
 ones once the header time is up. With ``sync`` workers four such connections froze the store."""
+import os
+import re
 import socket
 import sys
 import threading
@@ -8,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import ServerProcess, free_port, make_product
+from tests.helpers import ROOT, ServerProcess, free_port, make_product
 from tests.store.test_live_store import Browser
 
 SLOW_CLIENTS = 200
@@ -82,3 +84,32 @@ def test_slow_header_connections_do_not_stop_a_checkout(store):
         assert attack.closed_by_server == SLOW_CLIENTS  # none outlived the header time
     finally:
         attack.stop()
+
+
+def nginx_store_conf(port: int, upstream_port: int, prefix) -> str:
+    """deploy/nginx-store.conf with this test's ports and folders (the tests test what we ship)."""
+    conf = (ROOT / "deploy" / "nginx-store.conf").read_text()
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+    conf = conf.replace("/var/log/nginx/", f"{prefix}/").replace("/run/", f"{prefix}/")
+    return re.sub(r"^user .*;$", "user root;" if os.geteuid() == 0 else "", conf, flags=re.M)
+
+
+@pytest.mark.backends("sqlite")
+def test_behind_the_shipped_nginx_conf_slow_headers_do_not_stop_a_checkout(store, tmp_path, backend_name):
+    port, prefix = free_port(), tmp_path / "nginx"
+    (prefix / "temp").mkdir(parents=True)
+    (prefix / "nginx.conf").write_text(nginx_store_conf(port, store.port, prefix))
+    front = ServerProcess(["/usr/sbin/nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+                           "-g", "daemon off; master_process on;"], {}, port, health_path="/nginx-health",
+                          log_path=prefix / "stderr.log")
+    try:
+        front.wait_ready()
+        attack = Slowloris(port, SLOW_CLIENTS)
+        try:
+            time.sleep(1.5)
+            assert checkout(front.url) < 5
+        finally:
+            attack.stop()
+    finally:
+        front.stop()
