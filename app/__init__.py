@@ -22,6 +22,12 @@ def create_app(config: Mapping[str, Any] | None = None, env: Mapping[str, str] |
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
+    if app.config.get("PROXY_COUNT"):
+        # Behind nginx (deploy/nginx-store.conf): rate limits key on the shopper's address, not nginx's.
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        count = app.config["PROXY_COUNT"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=0)
     return app
 
 
@@ -41,10 +47,10 @@ def register_extensions(app: Flask) -> None:
     login_manager.login_message_category = "info"
 
     @login_manager.user_loader
-    def load_user(user_id: str):
-        from app.accounts.models import User
+    def load_user(session_id: str):
+        from app.accounts.rules import load_session_user
 
-        return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+        return load_session_user(db.session, session_id)
 
 
 def release_limiter_timer() -> None:

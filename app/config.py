@@ -5,8 +5,10 @@ and ``create_app(config)`` lets tests override any key.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
+from datetime import timedelta
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,6 +41,22 @@ def _secret_key(instance_dir: Path) -> str:
     return key
 
 
+MIN_SECRET_LENGTH = 32
+# Secrets printed in shipped examples and docs: anyone can read them, so anyone could sign with them.
+EXAMPLE_SECRETS = frozenset({"change-me-to-a-long-random-string", "change-me", "changeme", "secret", "dev"})
+
+
+def checked_secret(secret: str) -> str:
+    """SOFTGOODS_SECRET_KEY signs sessions and download links: refuse a published or guessable one."""
+    if secret.strip().lower() in EXAMPLE_SECRETS:
+        raise SystemExit("error: SOFTGOODS_SECRET_KEY is the example value; set a random one "
+                         "(python3 -c 'import secrets; print(secrets.token_urlsafe(48))') or unset it")
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise SystemExit(f"error: SOFTGOODS_SECRET_KEY must have at least {MIN_SECRET_LENGTH} characters, "
+                         f"not {len(secret)}")
+    return secret
+
+
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     raw = env.get(name)
     if raw in (None, ""):
@@ -62,6 +80,19 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return (env.get(name) or "0") in ("1", "true", "yes")
+
+
+def _networks(env: Mapping[str, str], name: str, default: str) -> tuple:
+    raw = env.get(name)
+    raw = default if raw is None else raw
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise SystemExit(f"error: {name} must be a comma-separated list of addresses or networks: {exc}") from None
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Flask config keys built from the environment variables of DESIGN.md, with their defaults."""
     env = os.environ if env is None else env
@@ -74,7 +105,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     return {
         "INSTANCE_DIR": str(instance_dir),
         "SQLALCHEMY_DATABASE_URI": database_url(db_url),
-        "SECRET_KEY": env.get("SOFTGOODS_SECRET_KEY") or _secret_key(instance_dir),
+        "SECRET_KEY": (checked_secret(env["SOFTGOODS_SECRET_KEY"]) if env.get("SOFTGOODS_SECRET_KEY")
+                       else _secret_key(instance_dir)),
         "DOWNLOAD_DIR": str(Path(env.get("SOFTGOODS_DOWNLOAD_DIR") or instance_dir / "downloads").resolve()),
         "SIDECAR_URL": (env.get("SOFTGOODS_SIDECAR_URL") or "http://127.0.0.1:8001").rstrip("/"),
         "DELIVERY": delivery,
@@ -132,7 +164,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "FORM_MAX_BYTES": _int(env, "SOFTGOODS_FORM_MAX_BYTES", 100_000),
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
-        "SESSION_COOKIE_SECURE": (env.get("SOFTGOODS_SECURE_COOKIES") or "0") in ("1", "true", "yes"),
+        "SESSION_COOKIE_SECURE": _flag(env, "SOFTGOODS_SECURE_COOKIES"),
+        # "Keep me logged in": revoked with every session of the account (logout, password change/reset).
         "REMEMBER_COOKIE_HTTPONLY": True,
+        "REMEMBER_COOKIE_SAMESITE": "Lax",
+        "REMEMBER_COOKIE_SECURE": _flag(env, "SOFTGOODS_SECURE_COOKIES"),
+        "REMEMBER_COOKIE_DURATION": timedelta(days=_int(env, "SOFTGOODS_REMEMBER_DAYS", 14)),
+        # /metrics (store and sidecar): these client networks, or "Authorization: Bearer <token>".
+        "METRICS_ALLOW": _networks(env, "SOFTGOODS_METRICS_ALLOW", "127.0.0.0/8,::1"),
+        "METRICS_TOKEN": env.get("SOFTGOODS_METRICS_TOKEN") or None,
         "SQLALCHEMY_ENGINE_OPTIONS": {"pool_pre_ping": True},
     }

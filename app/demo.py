@@ -11,6 +11,7 @@ import io
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,19 +160,25 @@ def serve(store_port: int, sidecar_port: int, env: dict[str, str], summary: str)
     gunicorn = [sys.executable, "-m", "gunicorn"]
     commands = {
         # No control sockets: both would claim the same default path in the home folder.
-        "store": gunicorn + ["--bind", f"127.0.0.1:{store_port}", "--workers", "2", "--no-control-socket",
-                             "wsgi:app"],
+        "store": gunicorn + ["-c", "app/gunicorn.conf.py", "--bind", f"127.0.0.1:{store_port}",
+                             "--no-control-socket", "wsgi:app"],
         "sidecar": gunicorn + ["-c", "sidecar/gunicorn.conf.py", "--bind", f"127.0.0.1:{sidecar_port}",
                                "--no-control-socket", "sidecar.wsgi:app"],
         "watcher": [sys.executable, "-m", "flask", "--app", "wsgi", "softgoods", "watch"],
     }
+    busy = [port for port in (store_port, sidecar_port) if not port_free(port)]
+    if busy:
+        print(f"error: port {', '.join(map(str, busy))} is already in use (another demo still running?); "
+              "stop it or choose --store-port / --sidecar-port", file=sys.stderr)
+        return 1
     procs: dict[str, subprocess.Popen] = {}
+    previous = {sig: signal.signal(sig, _stop_signal) for sig in STOP_SIGNALS}
     try:
         for name, argv in commands.items():
             procs[name] = subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True)
         for name, url in (("store", f"http://127.0.0.1:{store_port}/"),
                           ("sidecar", f"http://127.0.0.1:{sidecar_port}/healthz")):
-            if not _wait_up(url, procs[name]):
+            if not _wait_up(url, procs[name]) or procs[name].poll() is not None:
                 print(f"error: the {name} did not start on {url} (is the port in use?)", file=sys.stderr)
                 return 1
         # Again after the servers' start-up logs, so the URLs and the password are the last thing shown.
@@ -184,11 +191,35 @@ def serve(store_port: int, sidecar_port: int, env: dict[str, str], summary: str)
         print(f"error: the {', '.join(dead)} stopped; stopping the rest", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nstopping…")
+        print("\nstopping…", flush=True)
         return 0
     finally:
+        for sig in STOP_SIGNALS:  # a second Ctrl-C must not cut the stopping short
+            signal.signal(sig, signal.SIG_IGN)
         for proc in procs.values():
             _stop(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# Ctrl-C, kill and a closed terminal all stop the servers this demo started (they run in their own
+# sessions, so the signal does not reach them by itself).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_signal(signum, _frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (checked by binding it, as gunicorn is about to)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -1,4 +1,4 @@
-"""Email: the order email with its download links, account confirmations, and the outbox.
+"""Email: the order email with its download links, account messages, and the outbox.
 
 Every message is first stored as an ``OutboxMessage`` row (the transactional outbox): checkout commits
 the order, its grants and its email together, then tries to send. If SMTP is down nothing is lost; the
@@ -99,11 +99,12 @@ def send_order_email(session: Session, order: Order) -> None:
     deliver(session, queue_order_email(session, order))
 
 
-def send_confirmation_email(session: Session, to: str, confirm_url: str) -> None:
-    context = {"confirm_url": confirm_url}
-    msg = build_message(to, "Confirm your email address",
-                        render_template("mail/confirm.txt", **context),
-                        render_template("mail/confirm.html", **context))
+def send_account_email(session: Session, to: str, subject: str, intro: str, link_text: str, url: str,
+                       note: str) -> None:
+    """Account setup, "you already have an account" and password reset: one short message with one link."""
+    context = {"intro": intro, "link_text": link_text, "url": url, "note": note}
+    msg = build_message(to, subject, render_template("mail/account.txt", **context),
+                        render_template("mail/account.html", **context))
     deliver(session, queue_message(session, msg))
 
 

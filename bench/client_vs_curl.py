@@ -67,7 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     size = args.size_mib * MiB
     work = Path(tempfile.mkdtemp(prefix="softgoods-bench-", dir="/tmp"))
-    env = {"SOFTGOODS_INSTANCE_DIR": str(work / "instance"), "SOFTGOODS_SECRET_KEY": "bench",
+    env = {"SOFTGOODS_INSTANCE_DIR": str(work / "instance"), "SOFTGOODS_SECRET_KEY": "bench-" + os.urandom(16).hex(),
            "SOFTGOODS_DOWNLOAD_DIR": str(work / "downloads"), "DATABASE_URL": f"sqlite:///{work / 'bench.db'}"}
     server = None
     results: dict = {"size_bytes": size, "machine": os.uname().nodename, "cpus": os.cpu_count()}

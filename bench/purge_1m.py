@@ -76,7 +76,7 @@ def run(backend: str, total: int, n_links: int) -> dict[str, float]:
     else:
         url = f"sqlite:///{root / 'bench.db'}"
     env = {"SOFTGOODS_INSTANCE_DIR": str(root / "instance"), "DATABASE_URL": url,
-           "SOFTGOODS_SECRET_KEY": "bench", "SOFTGOODS_DOWNLOAD_DIR": str(root / "downloads"),
+           "SOFTGOODS_SECRET_KEY": "bench-" + os.urandom(16).hex(), "SOFTGOODS_DOWNLOAD_DIR": str(root / "downloads"),
            "SOFTGOODS_SYMLINK_DIR": str(root / "links")}
     app = create_app({"TESTING": True}, env=env)
     figures = {}

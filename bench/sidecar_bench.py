@@ -55,7 +55,7 @@ def setup(root: Path, small_files: int, database_url: str | None = None, written
     """An instance with BIG (1 GiB), HUGE (4 GiB), SMALL (4 KiB files) and unlimited links: one per
     slow client (1,000 shoppers, not one link downloaded 1,000 times) and 50 for the small files."""
     env = {"SOFTGOODS_INSTANCE_DIR": str(root / "instance"), "DATABASE_URL": database_url or f"sqlite:///{root / 'db.sqlite'}",
-           "SOFTGOODS_SECRET_KEY": "bench-" + os.urandom(8).hex(), "SOFTGOODS_DOWNLOAD_DIR": str(root / "dl"),
+           "SOFTGOODS_SECRET_KEY": "bench-" + os.urandom(16).hex(), "SOFTGOODS_DOWNLOAD_DIR": str(root / "dl"),
            "SOFTGOODS_SYMLINK_DIR": str(root / "links")}
     make_big_file(root / "dl" / "BIG" / "big.bin", GIB, written)
     if huge:  # only the time-to-first-byte probes use it

@@ -101,7 +101,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sgshots-") as tmp:
         env = {"SOFTGOODS_INSTANCE_DIR": f"{tmp}/instance", "DATABASE_URL": f"sqlite:///{tmp}/shots.db",
-               "SOFTGOODS_SECRET_KEY": "screenshots", "SOFTGOODS_DOWNLOAD_DIR": f"{tmp}/downloads"}
+               "SOFTGOODS_SECRET_KEY": "screenshots-" + os.urandom(16).hex(), "SOFTGOODS_DOWNLOAD_DIR": f"{tmp}/downloads"}
         user_id, po = seed(env)
         port = free_port()
         proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "--bind", f"127.0.0.1:{port}",

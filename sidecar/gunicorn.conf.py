@@ -35,3 +35,11 @@ backlog = 4096  # connections a burst leaves queued in the kernel (capped by net
 accesslog = None
 errorlog = "-"
 
+
+
+def on_starting(server):
+    """Check the settings once in the master: a bad one (say an example SOFTGOODS_SECRET_KEY) stops
+    gunicorn with its one-line reason instead of workers failing and being respawned forever."""
+    from app.config import load_settings
+
+    load_settings()

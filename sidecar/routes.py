@@ -24,7 +24,7 @@ from app.downloads.metalink import MEDIA_TYPE, metalink_for
 from app.downloads.models import Delivery
 from app.downloads.serving import FileRequest, delivery_mode
 from app.errors import wants_json
-from app.health import healthz_response
+from app.health import healthz_response, may_read_metrics
 from app.sizes import format_size
 from app.text_input import json_body, refuses_paths_itself
 from app.extensions import client_address, csrf, db
@@ -251,6 +251,11 @@ def healthz():
 
 @bp.route("/metrics")
 def prometheus():
+    if not may_read_metrics(request):
+        from app.errors import error_response
+
+        return error_response(403, "Metrics are only for the shop's monitoring.",
+                              "Allow this address in SOFTGOODS_METRICS_ALLOW or send the metrics bearer token.")
     return Response(metrics.render(db.session), mimetype="text/plain; version=0.0.4")
 
 

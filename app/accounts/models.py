@@ -22,6 +22,12 @@ class User(UserMixin, db.Model):
     role: Mapped[str] = mapped_column(String(16), default="customer")
     email_confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Part of every session and remember cookie (get_id): advancing it ends every session of the
+    # account at once (logout, password change, password reset).
+    session_generation: Mapped[int] = mapped_column(default=0, server_default="0")
+
+    def get_id(self) -> str:
+        return f"{self.id}.{self.session_generation}"
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password)

@@ -1,5 +1,5 @@
-"""Account rules: registration, sign-in checks, email confirmation and claiming guest orders.
-Plain functions over a session; the caller commits."""
+"""Account rules: accounts born from a proven address, sign-in checks, session generations, password
+changes and claiming guest orders. Plain functions over a session; the caller commits."""
 from __future__ import annotations
 
 import secrets
@@ -37,15 +37,42 @@ def check_password_rules(password: str, confirm: str | None = None) -> str:
 
 
 def register_customer(session: Session, email: str, password: str, confirm: str | None = None) -> User:
+    """A customer account for an address its owner has just proven (the setup link): confirmed at
+    birth, so it claims the guest orders placed with that address."""
     email = normalize_email(email)
     check_password_rules(password, confirm)
-    if session.scalar(select(User.id).where(User.email == email)) is not None:
-        raise InvalidInput(f"an account for {email} already exists: please log in", status=409)
-    user = User(email=email, role="customer")
+    if account_for(session, email) is not None:
+        raise InvalidInput(f"an account for {email} already exists: log in or reset your password", status=409)
+    user = User(email=email, role="customer", email_confirmed_at=utcnow())
     user.set_password(password)
     session.add(user)
     session.flush()
+    claim_guest_orders(session, user)
     return user
+
+
+def account_for(session: Session, email: str) -> User | None:
+    return session.scalar(select(User).where(User.email == email))
+
+
+def load_session_user(session: Session, session_id: str) -> User | None:
+    """The account of a session or remember cookie ("<id>.<generation>"), if that session still counts."""
+    user_id, _, generation = session_id.partition(".")
+    if not (user_id.isdigit() and generation.isdigit()):
+        return None  # cookies from before session generations, or forged shapes
+    user = session.get(User, int(user_id))
+    return user if user is not None and user.session_generation == int(generation) else None
+
+
+def end_all_sessions(user: User) -> None:
+    user.session_generation += 1
+
+
+def change_password(user: User, password: str, confirm: str | None = None) -> None:
+    """A new password ends every session of the account (and any reset link already sent)."""
+    check_password_rules(password, confirm)
+    user.set_password(password)
+    end_all_sessions(user)
 
 
 def authenticate(session: Session, email: str, password: str) -> User | None:
@@ -60,11 +87,19 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     return user if user.check_password(password) else None
 
 
-def confirm_email(session: Session, user_id: int, email: str) -> User:
-    """Mark the address proven and hand the account every guest order placed with it."""
+def reset_account(session: Session, user_id: int, generation: int) -> User:
+    """The account a reset link opens, while the link is unused (no session ended since it was sent)."""
     user = session.get(User, user_id)
-    if user is None or user.email != email:
-        raise InvalidInput("this confirmation link is not valid for any account", status=404)
+    if user is None or user.session_generation != generation:
+        raise InvalidInput("this link was already used: ask for a new one if you still need it", status=410)
+    return user
+
+
+def reset_password(session: Session, user_id: int, generation: int, password: str,
+                   confirm: str | None = None) -> User:
+    """The reset link proved the mailbox: a new password, every session ended, the link spent."""
+    user = reset_account(session, user_id, generation)
+    change_password(user, password, confirm)
     if user.email_confirmed_at is None:
         user.email_confirmed_at = utcnow()
     claim_guest_orders(session, user)

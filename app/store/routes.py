@@ -178,8 +178,12 @@ def remember_order(po_number: str) -> None:
 @bp.get("/orders/<po>")
 def thanks(po: str):
     order = db.session.scalar(select(Order).where(Order.po_number == po))
-    mine = order is not None and (po in session.get("orders", []) or (
-        current_user.is_authenticated and order.user_id == current_user.id))
+    if order is not None and order.user_id is not None:
+        # An account's order shows only to that account's live session: a session that logged out
+        # (or a copy of its cookie) remembers the number but no longer sees the links.
+        mine = current_user.is_authenticated and order.user_id == current_user.id
+    else:
+        mine = order is not None and po in session.get("orders", [])
     if not mine:
         abort(404, description="There is no such order in this browser's history.")
     return render_template("store/thanks.html", order=order, links=order_links(order),

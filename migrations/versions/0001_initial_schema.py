@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-05 11:34:53.467443
+Create Date: 2026-12-05 11:35:00.936675
 
 """
 from alembic import op
@@ -84,6 +84,7 @@ def upgrade():
     sa.Column('role', sa.String(length=16), nullable=False),
     sa.Column('email_confirmed_at', app.timeutil.UTCDateTime(), nullable=True),
     sa.Column('created_at', app.timeutil.UTCDateTime(), nullable=False),
+    sa.Column('session_generation', sa.Integer(), server_default='0', nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_users'))
     )
     with op.batch_alter_table('users', schema=None) as batch_op:

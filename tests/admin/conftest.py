@@ -21,7 +21,7 @@ def make_user(app, email: str, role: str) -> int:
 def log_in(client, user_id: int) -> None:
     """Flask-Login's session keys, set directly: these tests are about the owner pages, not the login form."""
     with client.session_transaction() as session:
-        session["_user_id"] = str(user_id)
+        session["_user_id"] = f"{user_id}.0"  # "<id>.<session generation>" of a fresh account
         session["_fresh"] = True
 
 

@@ -32,7 +32,7 @@ def store(env, tmp_path):
 
 def session_cookie(app, user_id: int) -> dict:
     """A signed Flask session for this user, as the login form would set it."""
-    value = app.session_interface.get_signing_serializer(app).dumps({"_user_id": str(user_id), "_fresh": True})
+    value = app.session_interface.get_signing_serializer(app).dumps({"_user_id": f"{user_id}.0", "_fresh": True})
     return {"name": app.config.get("SESSION_COOKIE_NAME", "session"), "value": value, "domain": "127.0.0.1",
             "path": "/"}
 

@@ -41,7 +41,7 @@ if fill_inodes:
 app = create_app({"TESTING": True, "WTF_CSRF_ENABLED": False, "RATELIMIT_ENABLED": False}, env=env)
 client = app.test_client()
 with client.session_transaction() as session:
-    session["_user_id"], session["_fresh"] = str(user_id), True
+    session["_user_id"], session["_fresh"] = f"{user_id}.0", True
 answers = []
 # A batch whose second file does not fit (the first one that did is taken back), then a replacement.
 for names, extra in [(["small.txt", "big.bin"], {}), (["a.txt"], {"overwrite": "yes"})]:

@@ -118,3 +118,72 @@ def test_demo_serves_store_and_sidecar_until_interrupted(backend_name, tmp_path)
     for port in (store_port, sidecar_port):
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def serving_processes(port: int) -> list[int]:
+    """Pids of processes whose command line names this loopback port (the demo's gunicorns)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    cmdline = fh.read().decode(errors="replace")
+            except OSError:
+                continue
+            if f"127.0.0.1:{port}\0" in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def start_demo(tmp_path, store_port: int, sidecar_port: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "app.demo", "--store-port", str(store_port),
+                             "--sidecar-port", str(sidecar_port)], cwd=ROOT, env=demo_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if line.startswith("Ctrl-C stops both"):
+            break
+    return proc, "".join(output)
+
+
+@pytest.mark.backends("sqlite")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_demo_stops_its_servers_on_sigterm_and_sighup(backend_name, tmp_path, sig):
+    store_port, sidecar_port = free_port(), free_port()
+    proc, text = start_demo(tmp_path, store_port, sidecar_port)
+    try:
+        assert "Ctrl-C stops both" in text, text[-2000:]
+        assert serving_processes(store_port) and serving_processes(sidecar_port)
+        proc.send_signal(sig)  # to the demo alone, as kill or a closing terminal does
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        proc.stdout.close()
+    for port in (store_port, sidecar_port):
+        assert serving_processes(port) == []
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+@pytest.mark.backends("sqlite")
+def test_demo_refuses_ports_in_use_before_any_banner(backend_name, tmp_path):
+    import socket
+
+    store_port, sidecar_port = free_port(), free_port()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", sidecar_port))
+        squatter.listen()
+        run = subprocess.run([sys.executable, "-m", "app.demo", "--store-port", str(store_port),
+                              "--sidecar-port", str(sidecar_port)], cwd=ROOT, env=demo_env(tmp_path),
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert f"error: port {sidecar_port} is already in use" in run.stderr
+    assert "Ctrl-C stops both" not in run.stdout and "Traceback" not in run.stderr
+    assert serving_processes(store_port) == []
