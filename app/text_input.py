@@ -30,19 +30,28 @@ def first_unstorable(texts: Iterable[str]) -> str | None:
     return next((t for t in texts if not storable(t)), None)
 
 
-def _strings(value: Any) -> Iterable[str]:
-    """Every key and string of a parsed JSON document, walked without recursion (its depth is the
-    sender's choice)."""
-    stack = [value]
+def _named_strings(value: Any) -> Iterable[tuple[str | None, str]]:
+    """Every key and string of a parsed JSON document with the name of the field that holds it,
+    walked without recursion (its depth is the sender's choice)."""
+    stack: list[tuple[str | None, Any]] = [(None, value)]
     while stack:
-        item = stack.pop()
+        field, item = stack.pop()
         if isinstance(item, str):
-            yield item
+            yield field, item
         elif isinstance(item, dict):
-            yield from item.keys()
-            stack.extend(item.values())
+            for key, inner in item.items():
+                yield key, key
+                stack.append((key, inner))
         elif isinstance(item, list):
-            stack.extend(item)
+            stack.extend((field, inner) for inner in item)
+
+
+def not_text(field: str | None) -> InvalidInput:
+    """The 400 for an unstorable character, naming the field when there is a storable name for it."""
+    if field is None or not storable(field):
+        return InvalidInput(NOT_TEXT, status=400)
+    return InvalidInput(f"The field \u201c{field[:40]}\u201d contains a character that cannot be stored "
+                        "(NUL or a lone surrogate).", status=400)
 
 
 def json_body() -> Any:
@@ -59,8 +68,9 @@ def json_body() -> Any:
         document = json.loads(request.get_data(cache=True))
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise InvalidInput("The request body is not valid JSON.", status=400) from None
-    if first_unstorable(_strings(document)) is not None:
-        raise InvalidInput(NOT_TEXT, status=400)
+    for field, text in _named_strings(document):
+        if not storable(text):
+            raise not_text(field)
     return document
 
 
@@ -76,11 +86,12 @@ def refuse_unstorable_request() -> None:
     refused before any view looks it up or stores it."""
     view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
     view_args = {} if getattr(view, "refuses_paths_itself", False) else (request.view_args or {})
-    texts = [v for v in view_args.values() if isinstance(v, str)]
+    texts = [(None, v) for v in view_args.values() if isinstance(v, str)]
     for multidict in (request.args, request.form) if request.method in ("POST", "PUT", "PATCH") \
             else (request.args,):
         for key, values in multidict.lists():
-            texts.append(key)
-            texts.extend(values)
-    if first_unstorable(texts) is not None:
-        raise InvalidInput(NOT_TEXT, status=400)
+            texts.append((key, key))
+            texts.extend((key, value) for value in values)
+    for field, text in texts:
+        if not storable(text):
+            raise not_text(field)

@@ -65,13 +65,9 @@ def logout():
 @_account_limit()
 def register():
     """The same answer whatever the address: the mailbox's owner learns the rest by email."""
-    if request.method == "GET":
-        return render_template("accounts/register.html", email=request.args.get("email", ""))
-    try:
-        email = normalize_email(request.form.get("email", ""))
-    except InvalidInput as exc:
-        return render_template("accounts/register.html", email=request.form.get("email", ""),
-                               error=exc.message), exc.status
+    email, page = _address_form("accounts/register.html")
+    if page is not None:
+        return page
     if account_for(db.session, email) is None:
         send_account_email(db.session, email, "Choose your Softgoods password",
                            "Open this link to choose the password of your Softgoods account:", "Choose my password",
@@ -87,6 +83,18 @@ def register():
                            "If it was not you, ignore this message: nothing has changed.")
     db.session.commit()
     return _sent(email)
+
+
+def _address_form(template: str):
+    """(address, None) for a valid submitted address, else (None, the page to answer): the empty
+    form on GET (pre-filled from ``?email=``), or the form again with the reason, keeping what was typed."""
+    if request.method == "GET":
+        return None, render_template(template, email=request.args.get("email", ""))
+    try:
+        return normalize_email(request.form.get("email", "")), None
+    except InvalidInput as exc:
+        return None, (render_template(template, email=request.form.get("email", ""), error=exc.message),
+                      exc.status)
 
 
 def _sent(email: str):
@@ -122,13 +130,9 @@ def setup(token: str):
 @bp.route("/reset", methods=["GET", "POST"])
 @_account_limit()
 def reset_request():
-    if request.method == "GET":
-        return render_template("accounts/reset.html", email=request.args.get("email", ""))
-    try:
-        email = normalize_email(request.form.get("email", ""))
-    except InvalidInput as exc:
-        return render_template("accounts/reset.html", email=request.form.get("email", ""),
-                               error=exc.message), exc.status
+    email, page = _address_form("accounts/reset.html")
+    if page is not None:
+        return page
     user = account_for(db.session, email)
     if user is not None:
         token = make_reset_token(current_app.config["SECRET_KEY"], user.id, user.session_generation)

@@ -103,6 +103,11 @@ class Http:
                             float(retry) if retry and retry.isdigit() else None)
         return response
 
+    def close(self) -> None:
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
+
     def drop(self, url: str) -> None:
         parts = urlsplit(url)
         conn = self.conns.pop((parts.scheme, parts.netloc), None)

@@ -120,7 +120,11 @@ def test_a_spent_nonce_makes_the_client_prove_again_with_a_fresh_one(app, sideca
     spend = urllib.request.Request(link + "confirm", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(spend, timeout=30) as response:  # the confirm whose answer the client lost
         assert response.status == 200
-    client.fetch_one(client.Http(10), link, stale, str(tmp_path / "out"), False)  # holds the spent nonce
+    http = client.Http(10)
+    try:
+        client.fetch_one(http, link, stale, str(tmp_path / "out"), False)  # holds the spent nonce
+    finally:
+        http.close()
     with app.app_context():
         grant, deliveries, _order = state(app)
         assert [d.evidence for d in deliveries] == ["verified"] and grant.downloads_used == 1

@@ -19,7 +19,8 @@ from app.extensions import db
 from app.store.models import Order
 from app.timeutil import utcnow
 from tests.helpers import grant_link, make_product
-from tests.maintenance.test_nginx_log import broken_off_get, curl, deliveries, ingest, used, wait_logged
+from tests.maintenance.test_nginx_log import (behind_nginx, broken_off_get, curl, deliveries, fetch_in_two_parts,
+                                              ingest, used, wait_logged)
 
 SIZE = 3_000_000
 MODES = pytest.mark.parametrize("mode", ["accel", "symlink"])
@@ -66,14 +67,9 @@ def open_handoffs(app) -> int:
 @MODES
 def test_past_the_limit_nothing_is_handed_to_nginx_and_ingestion_counts_once(app, sidecar, nginx, product,
                                                                               tmp_path, mode):
-    server = sidecar(SOFTGOODS_DELIVERY=mode, SOFTGOODS_PROXY_COUNT="1")
-    front = nginx(mode, upstream=server.url)
-    link = grant_link(app, "GAME", max_downloads=1).replace(server.url, front.url)
-    url = link + "f/setup/big%20file.bin"
+    front, _link, url = behind_nginx(app, sidecar, nginx, mode, max_downloads=1)
     # a partial download and its resume through nginx: one delivery, not two
-    assert curl("-L", "-r", "0-999999", "-o", str(tmp_path / "p1"), url).returncode == 0
-    assert curl("-L", "-r", "1000000-", "-o", str(tmp_path / "p2"), url).returncode == 0
-    assert (tmp_path / "p1").read_bytes() + (tmp_path / "p2").read_bytes() == product.read_bytes()
+    fetch_in_two_parts(url, tmp_path, product)
     # the delivery in progress holds the only slot: a second copy is refused before any hand-off
     assert code(url) == "403"
     assert ask(url) == (403, None)
@@ -155,9 +151,7 @@ def test_a_reservation_whose_log_line_never_comes_is_released_by_the_purge(app, 
 
 
 def test_a_symlink_fetched_again_still_counts_and_is_gone_once_ingested(app, sidecar, nginx, product, tmp_path):
-    server = sidecar(SOFTGOODS_DELIVERY="symlink", SOFTGOODS_PROXY_COUNT="1")
-    front = nginx("symlink", upstream=server.url)
-    url = grant_link(app, "GAME", max_downloads=1).replace(server.url, front.url) + "f/setup/big%20file.bin"
+    front, _link, url = behind_nginx(app, sidecar, nginx, "symlink", max_downloads=1)
     status, location = ask(url)
     assert status == 302 and "?" not in location
     direct = front.url + location

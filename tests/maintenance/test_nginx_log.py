@@ -56,6 +56,22 @@ def broken_off_get(url: str, keep: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
 
 
+def behind_nginx(app, sidecar, nginx, mode: str, max_downloads: int):
+    """A gunicorn sidecar in ``mode`` behind nginx, and a link to GAME through nginx: (front, link, url
+    of the big file)."""
+    server = sidecar(SOFTGOODS_DELIVERY=mode, SOFTGOODS_PROXY_COUNT="1")
+    front = nginx(mode, upstream=server.url)
+    link = grant_link(app, "GAME", max_downloads=max_downloads).replace(server.url, front.url)
+    return front, link, link + "f/setup/big%20file.bin"
+
+
+def fetch_in_two_parts(url: str, tmp_path: Path, product: Path) -> None:
+    """A partial download and its resume, as curl makes them: together, the exact file."""
+    assert curl("-L", "-r", "0-999999", "-o", str(tmp_path / "p1"), url).returncode == 0
+    assert curl("-L", "-r", "1000000-", "-o", str(tmp_path / "p2"), url).returncode == 0
+    assert (tmp_path / "p1").read_bytes() + (tmp_path / "p2").read_bytes() == product.read_bytes()
+
+
 def deliveries(app) -> list[tuple[str | None, int, bool]]:
     with app.app_context():
         rows = db.session.execute(select(Delivery.evidence, Delivery.covered_bytes, Delivery.counted)
@@ -87,14 +103,9 @@ def product(app):
 @pytest.mark.backends("sqlite")
 @pytest.mark.parametrize("mode", ["accel", "symlink"])
 def test_nginx_deliveries_get_evidence_once(app, sidecar, nginx, product, tmp_path, mode):
-    server = sidecar(SOFTGOODS_DELIVERY=mode, SOFTGOODS_PROXY_COUNT="1")
-    front = nginx(mode, upstream=server.url)
-    link = grant_link(app, "GAME", max_downloads=3).replace(server.url, front.url)
-    url = link + "f/setup/big%20file.bin"
+    front, link, url = behind_nginx(app, sidecar, nginx, mode, max_downloads=3)
     # one file fetched in two resumed parts, another whole; HEAD and a Metalink are not deliveries
-    assert curl("-L", "-r", "0-999999", "-o", str(tmp_path / "p1"), url).returncode == 0
-    assert curl("-L", "-r", "1000000-", "-o", str(tmp_path / "p2"), url).returncode == 0
-    assert (tmp_path / "p1").read_bytes() + (tmp_path / "p2").read_bytes() == product.read_bytes()
+    fetch_in_two_parts(url, tmp_path, product)
     assert curl("-L", "-o", str(tmp_path / "s"), link + "f/small.txt").returncode == 0
     assert curl("-L", "-I", "-o", "/dev/null", url).returncode == 0
     wait_logged(front, 7 if mode == "symlink" else 4)  # symlink: the sidecar answers HEAD itself

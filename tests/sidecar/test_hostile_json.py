@@ -74,7 +74,8 @@ def test_the_same_bodies_still_work_when_clean(app, sc, shop):
     """The parsing step refuses only what is hostile: the ordinary calls keep working."""
     chosen = sc.post(path_of(shop["choose"]), json={"sku": "NOVEL-A"})
     assert chosen.status_code == 200 and chosen.get_json()["choices_left"] == 0
-    unverified = sc.post(path_of(shop["confirm"]), json={"path": "readme.txt", "sha256": "0" * 64})
+    unverified = sc.post(path_of(shop["confirm"]), json={"path": "readme.txt", "sha256": "0" * 64,
+                                                           "proof": "0" * 64})
     assert unverified.status_code == 409
 
 
