@@ -42,7 +42,8 @@ def create_sidecar(config: Mapping[str, Any] | None = None, env: Mapping[str, st
 
 def register_extensions(app: Flask) -> None:
     from app import models  # noqa: F401  every table, so relationships resolve
-    from app.downloads.serving import COUNTERS_EXTENSION
+    from app.downloads.proof import ProofPrecomputer
+    from app.downloads.serving import COUNTERS_EXTENSION, PROOF_AHEAD_EXTENSION
     from sidecar import metrics
 
     db.init_app(app)
@@ -57,6 +58,7 @@ def register_extensions(app: Flask) -> None:
         from app.downloads.freshness import Reindexer
 
         app.extensions["softgoods_reindexer"] = Reindexer(app)
+    app.extensions[PROOF_AHEAD_EXTENSION] = ProofPrecomputer(app)
     metrics.init(Path(app.config["INSTANCE_DIR"]) / "sidecar-metrics")
     app.extensions[COUNTERS_EXTENSION] = metrics  # the delivery rules count through it, never importing us
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):

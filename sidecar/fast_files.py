@@ -30,7 +30,8 @@ from app.downloads.errors import DeliveryRefused, LinkNotFound
 from app.downloads.fast_store import EntryRow, GrantRow, NeedsFullPath, RawStore, runner_for
 from app.downloads.ranges import ByteRange, evaluate
 from app.downloads.receipts import key_matches, read_receipt
-from app.downloads.serving import TrackedFile, close_with_orm, entry_headers, file_body, keep_alive, single_part
+from app.downloads.serving import (TrackedFile, close_with_orm, entry_headers, file_body, keep_alive, prove_ahead,
+                                   single_part)
 from app.extensions import db
 from app.timeutil import utcnow
 from sidecar import metrics
@@ -114,6 +115,7 @@ class FastFiles:
             finish(0)
             return None
         keep_alive(self.app, planned.reservation, tracked, tracked.tell, environ.get("gunicorn.socket"))
+        prove_ahead(self.app, planned.reservation)
         start_response(STATUS_LINE[planned.status], list(planned.headers.items()))
         return file_body(environ, tracked)
 

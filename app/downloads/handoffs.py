@@ -47,7 +47,7 @@ def hand_off(session: Session, grant: UserDownload, entry: FileEntry, *, start: 
     return row
 
 
-def _reservation(row: NginxHandoff) -> delivery.Reservation:
+def reservation_of(row: NginxHandoff) -> delivery.Reservation:
     return delivery.Reservation(row.grant_id, row.order_po, row.sku, row.path, row.start, row.length,
                                 delivery_id=row.delivery_id, method=row.method, token=row.reservation_token,
                                 product_sku=row.product_sku)
@@ -89,7 +89,7 @@ def _release(session: Session, row: NginxHandoff, now: datetime, outcome: str) -
     if not _claim(session, row, now):
         return False
     with session.no_autoflush:
-        delivery.settle(_ReleaseStore(session, row.token), _reservation(row), 0, status=row.status, outcome=outcome,
+        delivery.settle(_ReleaseStore(session, row.token), reservation_of(row), 0, status=row.status, outcome=outcome,
                         client_ip=None, user_agent=None, range_header=None, now=now)
     return True
 
@@ -129,7 +129,7 @@ def settle_for_line(session: Session, grant: UserDownload, entry: FileEntry, *, 
     candidates += session.scalars(open_rows.where(NginxHandoff.start == start, NginxHandoff.length == length)).all()
     for row in candidates:
         if _claim(session, row, now):
-            return _reservation(row)
+            return reservation_of(row)
     return None
 
 

@@ -71,6 +71,7 @@ class NoCounters:
 
 
 COUNTERS_EXTENSION = "softgoods_transfer_counters"
+PROOF_AHEAD_EXTENSION = "softgoods_proof_precomputer"
 
 
 def transfer_counters(app: Flask) -> TransferCounters:
@@ -230,6 +231,14 @@ def keep_alive(app: Flask, reservation: delivery.Reservation, key, position: Cal
     heartbeat.add(key, progress, (app, reservation))
 
 
+def prove_ahead(app: Flask, reservation: delivery.Reservation) -> None:
+    """Bytes of a file are about to leave: have the expected proof of possession ready for the
+    confirm that follows (app.downloads.proof.ProofPrecomputer; the sidecar installs it)."""
+    precomputer = app.extensions.get(PROOF_AHEAD_EXTENSION)
+    if precomputer is not None:
+        precomputer.sending(reservation)
+
+
 def _set_cork(sock, on: bool) -> bool:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
@@ -348,6 +357,7 @@ class PipeDelivery:
         transfer_counters(app).transfer_started()
         tracked = TrackedFile(fh, part.start, part.length, _finisher(app, reservation, req, status, part.length))
         keep_alive(app, reservation, tracked, tracked.tell, req.environ.get("gunicorn.socket"))
+        prove_ahead(app, reservation)
         response = Response(file_body(req.environ, tracked), status=status, headers=headers, direct_passthrough=True)
         response.content_length = part.length
         return response
@@ -427,6 +437,8 @@ def hand_to_nginx(req: FileRequest, headers: dict[str, str]) -> Response | Nginx
         db.session.rollback()
         _log_only(req, refusal.status, "refused")
         raise
+    if req.method == "GET":
+        prove_ahead(current_app._get_current_object(), handoffs.reservation_of(reserved))
     return reserved
 
 
