@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.downloads import delivery
-
+from app.downloads.background import KeyedWorker
 from app.downloads.index import FileChanging, file_path, index_one
 from app.downloads.maintenance import RateLimiter, file_signature
 from app.downloads.models import PACKAGES_SKU, FileEntry
@@ -62,39 +60,14 @@ class Reindexer:
         self.lock_path = Path(app.config["INSTANCE_DIR"]) / "reindex.lock"
         self.rate = app.config["REINDEX_BYTES_PER_SECOND"]
         self.quiet = app.config["WATCH_DEBOUNCE_MS"] / 1000
-        self.stop = threading.Event()
-        self._pending: dict[tuple[str, str], None] = {}  # an ordered set
-        self._wake = threading.Condition()
-        self._pid: int | None = None
+        self.worker = KeyedWorker(lambda key: self._reindex(*key), "softgoods-reindex", MAX_PENDING)
+        self.stop = self.worker.stop
 
     def request(self, sku: str, path: str) -> None:
         """Queue a re-index of this file (at most once at a time); never blocks the caller."""
         if sku == PACKAGES_SKU:  # package ZIPs are indexed by the package builder that writes them
             return
-        with self._wake:
-            if self._pid != os.getpid():  # first use in this (forked) worker process
-                self._pid = os.getpid()
-                self._pending.clear()
-                threading.Thread(target=self._loop, name="softgoods-reindex", daemon=True).start()
-            if (sku, path) not in self._pending and len(self._pending) < MAX_PENDING:
-                self._pending[(sku, path)] = None
-                self._wake.notify()
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            with self._wake:
-                while not self._pending and not self.stop.is_set():
-                    self._wake.wait()
-                if self.stop.is_set():
-                    return
-                sku, path = next(iter(self._pending))
-            try:
-                self._reindex(sku, path)
-            except Exception:  # this thread must outlive one bad file
-                log.exception("background re-index of %s/%s failed", sku, path)
-            finally:
-                with self._wake:
-                    self._pending.pop((sku, path), None)
+        self.worker.put((sku, path))
 
     def _reindex(self, sku: str, path: str) -> None:
         full = file_path(self.download_dir, sku, path)

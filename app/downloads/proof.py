@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
-import logging
 import threading
 
 from sqlalchemy import select, update
@@ -35,7 +35,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from app.downloads.access import real_path
-from app.downloads.errors import FileUnavailable, InvalidInput, ProofMismatch
+from app.downloads.background import KeyedWorker
+from app.downloads.errors import DeliveryRefused, FileUnavailable, InvalidInput, ProofMismatch
 from app.downloads.models import FileEntry, ProofNonce, UserDownload
 
 PROOF_HEX = re.compile(r"[0-9a-fA-F]{64}")
@@ -142,7 +143,9 @@ def precompute(session: Session, grant_id: int, sku: str, path: str, download_di
     nonce, row_id = row.nonce, row.id
     session.rollback()  # no transaction stays open while the file is read
     full_path = str(real_path(download_dir, entry))
-    with _readers:  # confirms and this share one reader per process
+    # One reader per process, shared with confirms; committed before the reader is released, so a
+    # confirm that waited for it finds the value instead of reading the file again.
+    with _readers:
         if _kept_expected(session, row_id, nonce, entry.sha256) is not None:
             session.rollback()
             return False
@@ -154,49 +157,30 @@ def precompute(session: Session, grant_id: int, sku: str, path: str, download_di
 
 
 class ProofPrecomputer:
-    """One background thread per sidecar process that runs ``precompute`` for files being sent."""
+    """Runs ``precompute`` in the background (``KeyedWorker``) for large files being sent."""
 
     def __init__(self, app):
         self.app = app
-        self._pending: dict[tuple[int, str, str], None] = {}  # an ordered set
-        self._wake = threading.Condition()
-        self._pid: int | None = None
+        self.worker = KeyedWorker(self._precompute, "softgoods-proof", PRECOMPUTE_MAX_PENDING)
 
     def sending(self, reservation) -> None:
-        """A pipe-mode response is about to send ``reservation``: queue its proof when it is a large
-        file fetched from the start. Never blocks the sender."""
+        """A response is about to send ``reservation`` (or hand it to nginx): queue its proof when it is
+        a large file fetched from the start. Never blocks the sender."""
         if reservation.method != "GET" or reservation.start != 0 or reservation.length < PRECOMPUTE_MIN_BYTES \
                 or reservation.parts:
             return
-        key = (reservation.grant_id, reservation.sku, reservation.path)
-        with self._wake:
-            if self._pid != os.getpid():  # first use in this (forked) worker process
-                self._pid = os.getpid()
-                self._pending.clear()
-                threading.Thread(target=self._loop, name="softgoods-proof", daemon=True).start()
-            if key not in self._pending and len(self._pending) < PRECOMPUTE_MAX_PENDING:
-                self._pending[key] = None
-                self._wake.notify()
+        self.worker.put((reservation.grant_id, reservation.sku, reservation.path))
 
-    def _loop(self) -> None:
+    def _precompute(self, key: tuple[int, str, str]) -> None:
         from app.extensions import db
 
-        while True:
-            with self._wake:
-                while not self._pending:
-                    self._wake.wait()
-                key = next(iter(self._pending))
+        with self.app.app_context():
             try:
-                with self.app.app_context():
-                    try:
-                        precompute(db.session, *key, self.app.config["DOWNLOAD_DIR"])
-                    finally:
-                        db.session.remove()
-            except Exception as exc:  # the confirm computes it itself; this thread must outlive one failure
+                precompute(db.session, *key, self.app.config["DOWNLOAD_DIR"])
+            except (DeliveryRefused, OSError) as exc:  # the confirm then computes it itself
                 log.warning("could not compute the expected proof of %s/%s in advance: %s", key[1], key[2], exc)
             finally:
-                with self._wake:
-                    self._pending.pop(key, None)
+                db.session.remove()
 
 
 def current_nonce(session: Session, grant: UserDownload, entry: FileEntry) -> ProofNonce | None:

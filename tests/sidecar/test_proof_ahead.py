@@ -3,8 +3,6 @@ ProofPrecomputer), so the confirm that follows answers without reading the file 
 that changes who can confirm. ``PRECOMPUTE_MIN_BYTES`` is lowered so small files stand for large ones."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 
 import pytest
@@ -14,6 +12,7 @@ from app.downloads import proof
 from app.downloads.models import ProofNonce
 from app.extensions import db
 from tests.helpers import grant_link, make_product
+from tests.sidecar.test_proof_of_possession import proof_of
 from tests.servers import path_of
 
 FILES = {"big.bin": 300_000, "other.bin": 200_000}
@@ -47,10 +46,6 @@ def listed(sc, link: str) -> dict:
 
 def info(listing: dict, path: str) -> dict:
     return next(f for f in listing["files"] if f["path"] == path)
-
-
-def proof_of(data: bytes, nonce: str) -> str:
-    return hmac.new(bytes.fromhex(nonce), data, hashlib.sha256).hexdigest()
 
 
 def test_a_download_prepares_the_confirm_which_then_reads_no_file(app, sc, monkeypatch):
