@@ -17,11 +17,10 @@ from sqlalchemy.orm import Session
 
 from app.accounts.models import User
 from app.downloads.errors import InvalidInput
-from app.downloads.grants import grant_downloads
 from app.downloads.models import OutboxMessage
-from app.mail import queue_order_email
 from app.store.cart import lines_total
 from app.store.models import Order, format_money
+from app.store.fulfilment import fulfil_paid_order
 from app.store.orders import Line, create_order
 from app.store.payments import Approved, Card, PaymentGateway
 
@@ -118,8 +117,7 @@ def checkout(session: Session, gateway: PaymentGateway, *, lines: list[Line], em
     order = create_order(session, email=email, lines=lines, user=user, client_ip=client_ip,
                          payment_reference=reference, card_brand=brand, card_last4=last4,
                          checkout_token=token)
-    grant_downloads(session, order, client_ip=client_ip)
-    return CheckoutResult(order, created=True, email=queue_order_email(session, order))
+    return CheckoutResult(order, created=True, email=fulfil_paid_order(session, order, client_ip=client_ip))
 
 
 def after_race(session: Session, exc: IntegrityError, checkout_token: str) -> CheckoutResult:

@@ -6,6 +6,7 @@ import click
 from app.cli import audit, fail, run_rule
 from app.downloads.grants import grant_downloads
 from app.downloads.packages import SHELL
+from app.events import announce
 from app.extensions import db
 from app.store.catalog import add_product
 from app.store.models import Product
@@ -77,6 +78,7 @@ def register(group: click.Group) -> None:
         order = create_order(db.session, email=email, lines=[Line(product, unit_price_cents=0)],
                              payment_reference=None)
         links = grant_downloads(db.session, order, days=days, max_downloads=limit)
+        announce("order.paid", session=db.session, order=order)  # a comp order is paid (0.00)
         audit("order.grant", f"order {order.po_number}", f"{product.sku} for {email}")
         db.session.commit()
         click.echo(f"order {order.po_number} for {email}: {product.sku}, expires {links[0].grant.expires_at:%Y-%m-%d}")

@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 # DESIGN.md: no SKU can be ".." or collide with the ".packages/" folder.
 SKU_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
+# Money, kept apart from delivery (``Order.status``: pending -> shipped). A refunded or disputed
+# order that is downloaded later stays refunded or disputed; revenue counts only what was paid.
+PAYMENT_STATUSES = ("awaiting_payment", "paid", "cancelled", "flagged", "partially_refunded",
+                    "refunded", "disputed")
+# Statuses whose money the shop holds (the dashboard's revenue); a partial refund is netted elsewhere.
+REVENUE_STATUSES = ("paid", "partially_refunded")
+
 
 class Product(db.Model):
     __tablename__ = "products"
@@ -60,6 +67,9 @@ class Order(db.Model):
     evidence: Mapped[str | None] = mapped_column(String(16))  # weakest evidence once shipped
     shipped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     payment_reference: Mapped[str | None] = mapped_column(String(64), unique=True)
+    payment_status: Mapped[str] = mapped_column(String(20), default="paid", server_default="paid", index=True)
+    # Stripe's PaymentIntent id, stored when paid: refunds and disputes arrive carrying it.
+    payment_intent_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     card_brand: Mapped[str | None] = mapped_column(String(16))
     card_last4: Mapped[str | None] = mapped_column(String(4))
     # One checkout form submission = one order, however often it is posted.

@@ -30,10 +30,12 @@ def po_number_for(order: Order) -> str:
 def create_order(session: Session, *, email: str, lines: list[Line], user: User | None = None,
                  client_ip: str | None = None, payment_reference: str | None = None,
                  card_brand: str | None = None, card_last4: str | None = None,
-                 checkout_token: str | None = None) -> Order:
-    """A paid order with its items; the caller grants downloads and commits."""
+                 checkout_token: str | None = None, payment_status: str = "paid") -> Order:
+    """An order with its items (paid unless a payment provider has yet to confirm it); the caller
+    fulfils it (``app.store.fulfilment.fulfil_paid_order``) once paid, and commits."""
     order = Order(email=email.lower(), user=user, client_ip=client_ip, payment_reference=payment_reference,
-                  card_brand=card_brand, card_last4=card_last4, checkout_token=checkout_token)
+                  card_brand=card_brand, card_last4=card_last4, checkout_token=checkout_token,
+                  payment_status=payment_status)
     for line in lines:
         order.items.append(OrderItem(product=line.product, sku=line.product.sku, name=line.product.name,
                                      quantity=line.quantity, unit_price_cents=line.unit_price))

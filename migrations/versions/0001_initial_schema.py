@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-12-05 11:35:00.936675
+Create Date: 2026-12-05 17:08:11.899005
 
 """
 from alembic import op
@@ -102,6 +102,8 @@ def upgrade():
     sa.Column('evidence', sa.String(length=16), nullable=True),
     sa.Column('shipped_at', app.timeutil.UTCDateTime(), nullable=True),
     sa.Column('payment_reference', sa.String(length=64), nullable=True),
+    sa.Column('payment_status', sa.String(length=20), server_default='paid', nullable=False),
+    sa.Column('payment_intent_id', sa.String(length=255), nullable=True),
     sa.Column('card_brand', sa.String(length=16), nullable=True),
     sa.Column('card_last4', sa.String(length=4), nullable=True),
     sa.Column('checkout_token', sa.String(length=64), nullable=True),
@@ -110,11 +112,13 @@ def upgrade():
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_orders_user_id_users'), ondelete='SET NULL'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_orders')),
     sa.UniqueConstraint('checkout_token', name=op.f('uq_orders_checkout_token')),
+    sa.UniqueConstraint('payment_intent_id', name=op.f('uq_orders_payment_intent_id')),
     sa.UniqueConstraint('payment_reference', name=op.f('uq_orders_payment_reference'))
     )
     with op.batch_alter_table('orders', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_orders_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_orders_email'), ['email'], unique=False)
+        batch_op.create_index(batch_op.f('ix_orders_payment_status'), ['payment_status'], unique=False)
         batch_op.create_index(batch_op.f('ix_orders_po_number'), ['po_number'], unique=True)
         batch_op.create_index(batch_op.f('ix_orders_user_id'), ['user_id'], unique=False)
 
@@ -360,6 +364,7 @@ def downgrade():
     with op.batch_alter_table('orders', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_orders_user_id'))
         batch_op.drop_index(batch_op.f('ix_orders_po_number'))
+        batch_op.drop_index(batch_op.f('ix_orders_payment_status'))
         batch_op.drop_index(batch_op.f('ix_orders_email'))
         batch_op.drop_index(batch_op.f('ix_orders_created_at'))
 
